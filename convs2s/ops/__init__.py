@@ -1,0 +1,18 @@
+"""The two fused ops, their PyTorch references, and backend discovery.
+
+    glu_conv(x, weight, bias=None, residual=None, *, causal=False, backend="auto")
+    conv_attention(x, target_embedding, encoder_keys, encoder_values, src_padding_mask,
+                   w_in, b_in, w_out, b_out, *, need_weights=False, backend="auto")
+
+See each function's docstring for its shape contract.
+"""
+
+from ._backend import BACKENDS, BackendUnavailableError, available_backends
+from .conv_attention import conv_attention, conv_attention_ref
+from .glu_conv import conv1d_weight_to_tbc, glu_conv, glu_conv_ref, tbc_weight_to_conv1d
+
+__all__ = [
+    "BACKENDS", "BackendUnavailableError", "available_backends",
+    "glu_conv", "glu_conv_ref", "conv1d_weight_to_tbc", "tbc_weight_to_conv1d",
+    "conv_attention", "conv_attention_ref",
+]

@@ -1,0 +1,150 @@
+"""Backend discovery and dispatch for the fused ops.
+
+Backends:
+  "reference"  plain PyTorch (convs2s.ops.<op>_ref); always usable.
+  "triton"     Triton kernels (kernels/<op>.py); needs `import triton` and either a CUDA tensor or
+               TRITON_INTERPRET=1 (the interpreter runs the same kernels on CPU tensors).
+  "native"     the compiled extension convs2s._C (csrc/): C++ CPU kernels, plus CUDA kernels when it was built
+               with nvcc against a CUDA build of torch.
+  "auto"       CUDA tensors -> native if built for CUDA, else triton, else reference;
+               CPU tensors  -> native if built, else reference.
+               The environment variable CONVS2S_BACKEND overrides "auto" (an explicit argument is not overridden).
+
+An explicit backend that cannot run the given tensors raises BackendUnavailableError; there is no silent
+fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("reference", "triton", "native")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here (the message says why)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising something else
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    try:
+        importlib.import_module("convs2s.kernels")
+    except Exception as e:
+        return f"the Triton kernels failed to import ({type(e).__name__}: {e})"
+    return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _native_module():
+    """The compiled extension, or the error string saying why it is missing."""
+    try:
+        return importlib.import_module("convs2s._C"), None
+    except Exception as e:
+        return None, (f"the compiled extension convs2s._C is not importable ({type(e).__name__}: {e}); "
+                      "build it with `pip install -e . --no-build-isolation`")
+
+
+def native_has_cuda() -> bool:
+    mod, _ = _native_module()
+    return bool(mod is not None and getattr(mod, "has_cuda", lambda: False)())
+
+
+def why_not(backend: str, device: torch.device | str | None = None) -> str | None:
+    """None if `backend` can run tensors on `device` (None: on any device this machine has), else the reason."""
+    dev = torch.device(device) if device is not None else None
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if dev is None:
+            if torch.cuda.is_available() or _interpreting():
+                return None
+            return "no CUDA device, and TRITON_INTERPRET=1 is not set (the interpreter runs Triton on CPU)"
+        if dev.type == "cuda":
+            return None
+        if dev.type == "cpu" and _interpreting():
+            return None
+        return (f"Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
+                f"got {dev.type} tensors")
+    if backend == "native":
+        mod, err = _native_module()
+        if mod is None:
+            return err
+        if dev is not None and dev.type == "cuda" and not native_has_cuda():
+            return "the extension was built without CUDA kernels (no nvcc or a CPU-only torch at build time)"
+        if dev is not None and dev.type not in ("cpu", "cuda"):
+            return f"the extension has CPU and CUDA kernels only; got {dev.type} tensors"
+        return None
+    raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+
+
+def available_backends(device: torch.device | str | None = None) -> dict[str, str | None]:
+    """{backend: None if usable here, else the reason it is not}, for `device` (default: any device here)."""
+    return {b: why_not(b, device) for b in BACKENDS}
+
+
+def resolve(op: str, backend: str, device: torch.device):
+    """(name, callable) of the backend that runs `op` for `backend` ("auto" or a name) on `device`.
+
+    Raises BackendUnavailableError when an explicitly named backend cannot run here.
+    """
+    if backend == "auto":
+        env = os.environ.get("CONVS2S_BACKEND", "").strip()
+        if env and env != "auto":
+            backend = env
+        else:
+            order = ("native", "triton", "reference") if device.type == "cuda" else ("native", "reference")
+            for b in order:
+                if why_not(b, device) is None:
+                    fn = _lookup(op, b)
+                    if fn is not None:
+                        return b, fn
+            raise AssertionError("unreachable: the reference backend is always usable")
+    reason = why_not(backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run {device.type} tensors here: {reason}")
+    fn = _lookup(op, backend)
+    if fn is None:
+        raise BackendUnavailableError(f"op {op!r} has no {backend!r} implementation yet")
+    return backend, fn
+
+
+_IMPLS: dict[tuple[str, str], object] = {}
+
+
+def register(op: str, backend: str):
+    """Decorator: register `fn` as the implementation of `op` for `backend`."""
+    def deco(fn):
+        _IMPLS[(op, backend)] = fn
+        return fn
+    return deco
+
+
+def _lookup(op: str, backend: str):
+    """The callable registered for (op, backend), or None.
+
+    Each fused backend of an op binds itself in convs2s/ops/_<backend>_<op>.py (custom-op registration, autograd,
+    fake tensors), imported here on first use so that `import convs2s` never needs triton or the extension.
+    """
+    if (op, backend) not in _IMPLS and backend != "reference":
+        module = f"convs2s.ops._{backend}_{op}"
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:  # a real import error inside the binding module: show it
+                raise
+    return _IMPLS.get((op, backend))

@@ -1,0 +1,47 @@
+# The README's commands. Each target installs what it needs into .venv (created if missing).
+#   make train   train ConvS2S on Multi30k De->En and print test BLEU (see README)
+#   make test    the test suite (CPU; Triton kernels through TRITON_INTERPRET=1 when there is no GPU)
+#   make bench   the benchmark suite for the backends this machine has
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH ?= torch==2.14.1
+# Multi30k: ../shared/data/multi30k when present (this project's machines), else CONVS2S_DATA or the download cache.
+DATA ?= $(if $(wildcard ../shared/data/multi30k/train.de.gz),../shared/data/multi30k,)
+PYTEST_ARGS ?=
+
+.PHONY: all install deps test train bench clean
+
+all: test
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Third-party packages; triton comes with the CUDA build of torch at the version torch pins.
+$(VENV)/.deps: $(PY) Makefile
+	$(PIP) install -q "$(TORCH)" numpy pytest pytest-benchmark hypothesis sentencepiece sacrebleu tqdm matplotlib ninja
+	touch $@
+
+deps: $(VENV)/.deps
+
+# The package itself, editable; rebuilt when setup.py or the C++/CUDA sources change.
+$(VENV)/.installed: $(VENV)/.deps setup.py $(wildcard csrc/*)
+	$(PIP) install -q -e . --no-build-isolation
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+train: install
+	$(PY) -m convs2s train-multi30k $(if $(DATA),--data $(DATA),)
+
+bench: install
+	$(PY) -m convs2s bench
+
+clean:
+	rm -rf build *.egg-info convs2s/_C*.so

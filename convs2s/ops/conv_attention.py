@@ -66,7 +66,7 @@ def _validate(x, target_embedding, encoder_keys, encoder_values, src_padding_mas
 
 
 def source_lengths_scale(src_padding_mask: torch.Tensor | None, Ts: int, B: int, device, dtype=torch.float32):
-    """sqrt(s) per sentence, s = number of real source tokens: (B,) in fp32."""
+    """sqrt(s) per sentence, s = number of real source tokens: (B,) in `dtype`."""
     if src_padding_mask is None:
         return torch.full((B,), math.sqrt(Ts), device=device, dtype=dtype)
     s = (~src_padding_mask).sum(dim=1).to(dtype)
@@ -75,16 +75,17 @@ def source_lengths_scale(src_padding_mask: torch.Tensor | None, Ts: int, B: int,
 
 def conv_attention_ref(x, target_embedding, encoder_keys, encoder_values, src_padding_mask, w_in, b_in, w_out,
                        b_out, *, need_weights: bool = False):
-    # Plain PyTorch, as fairseq's AttentionLayer computes it (scores rounded through fp32 for the softmax).
+    # Plain PyTorch, as fairseq's AttentionLayer computes it; the softmax runs in at least fp32.
     residual = x
     q = (F.linear(x, w_in, b_in) + target_embedding) * SQRT_HALF             # (B, Tt, E)
     scores = torch.bmm(q, encoder_keys.transpose(1, 2))                       # (B, Tt, Ts)
-    scores = scores.float()
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     if src_padding_mask is not None:
         scores = scores.masked_fill(src_padding_mask.unsqueeze(1), float("-inf"))
     p = torch.softmax(scores, dim=-1).to(x.dtype)                             # (B, Tt, Ts)
     ctx = torch.bmm(p, encoder_values)                                        # (B, Tt, E)
-    scale = source_lengths_scale(src_padding_mask, encoder_keys.shape[1], x.shape[0], x.device)
+    scale = source_lengths_scale(src_padding_mask, encoder_keys.shape[1], x.shape[0], x.device,
+                                 torch.promote_types(ctx.dtype, torch.float32))
     ctx = ctx * scale.to(ctx.dtype)[:, None, None]
     out = (F.linear(ctx, w_out, b_out) + residual) * SQRT_HALF                # (B, Tt, C)
     return out, (p if need_weights else None)

@@ -1,0 +1,436 @@
+"""Triton kernels for glu_conv (convs2s.ops.glu_conv): implicit-GEMM convolution over time with the GLU fused.
+
+Notation: M = B*T positions (rows), k taps, C_in, C_out; weight (k, C_in, 2*C_out) in TBC layout;
+pad_l = (k-1)//2 (encoder) or k-1 (causal decoder); x_j[m] = x[b, t + j - pad_l] (zero outside [0, T)).
+
+    forward   h = sum_j x_j @ W[j] + bias                      (M, 2*C_out)
+              y = a * sigmoid(g) [+ residual, * sqrt(0.5)]      a, g = h[:, :C_out], h[:, C_out:]
+    backward  dh = GLU'(h) * dy                                 (M, 2*C_out)   _glu_bwd_kernel (+ db, dresidual)
+              dx[s] = sum_j dh[s + pad_l - j] @ W[j]^T          (M, C_in)      _dx_kernel (flipped taps)
+              dW[j] = sum_m x_j[m]^T dh[m]                      (C_in, 2*C_out) _dw_kernel (split over M)
+
+Why the forward saves h (the pre-GLU activation) instead of recomputing it in backward: recomputing is one more
+implicit GEMM with the forward's FLOPs, i.e. backward 3 GEMMs instead of 2 (+50 % backward FLOPs, +33 % for
+forward+backward), to save 2*M*C_out elements per layer (16 MiB in bf16 at M = 8192, C_out = 512; writing them
+costs the forward ~5 us of HBM traffic at 3 TB/s, against ~25 us for the GEMM). Both paths exist
+(`glu_conv_fwd(..., store_h=False)` + `glu_conv_bwd(..., h=None)` recomputes); bench/bench_glu_conv.py --recompute
+times them on a GPU.
+
+Why dh is materialised once instead of being recomputed inside the dx / dW GEMMs' operand loads: each GEMM
+program would redo the sigmoid for its operand tile, i.e. C_in/BLOCK_N times per element per tap; at C_in = 512
+that is ~100 M special-function ops for M = 8192, C_out = 512, k = 3 (~24 us at 16 SFU ops/clk/SM on 132 SMs),
+more than the dx GEMM itself (~20 us). One elementwise pass costs ~10 us of HBM traffic and also yields db and
+the residual gradient.
+
+Determinism: no atomics. dW splits the M reduction into SPLIT chunks that write fp32 partials, summed by the
+host in a fixed order; db partials per row block likewise.
+
+Offsets are int64 where they scale with M (rows) or with a stride, so tensors beyond 2**31 elements work.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+
+
+def _configs(gpu: list[tuple[int, int, int, int, int]], interp: tuple[int, int, int]) -> list[triton.Config]:
+    """Autotune configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on GPU; one config in the interpreter
+    (autotuning needs a GPU driver there). tl.dot tiles are >= 16 in every dimension (NVIDIA's minimum)."""
+    if INTERPRET:
+        bm, bn, bk = interp
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in gpu]
+
+
+@triton.jit
+def _mma(acc, a, b, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc += a @ b. DOT_FP32 upcasts the operands: the interpreter's bf16 tl.dot multiplies raw bit patterns."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) from a 1-D grid, grouped along M so that programs running together share weight tiles in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    return pid_m, pid_n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward: y = GLU(conv(x) + bias) [+ residual, * sqrt(0.5)], optionally storing h = conv(x) + bias
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.autotune(
+    configs=_configs([(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 32, 4, 5),
+                      (256, 64, 64, 8, 3)], (32, 32, 32)),
+    key=["C_in", "C_out", "KSIZE", "M_BUCKET", "STORE_Y", "STORE_H"],
+)
+@triton.jit
+def _fwd_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, h_ptr,
+    # dimensions
+    M, T, C_in, C_out, M_BUCKET,
+    # strides (x, weight, residual may be any views; y (M, C_out) and h (M, 2*C_out) are contiguous)
+    stride_xb, stride_xt, stride_xc,
+    stride_wk, stride_wc, stride_wn,
+    stride_rb, stride_rt, stride_rc,
+    # meta-parameters
+    KSIZE: tl.constexpr, PAD_L: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, STORE_Y: tl.constexpr, STORE_H: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
+):
+    # One program: BLOCK_M rows x BLOCK_N channels of BOTH GLU halves (two accumulators), so the GLU is local.
+    pid_m, pid_n = _tile_ids(M, C_out, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < C_out
+    b = (offs_m // T).to(tl.int64)
+    t = offs_m % T
+    offs_n64 = offs_n.to(tl.int64)
+
+    acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # One flat loop over (tap, C_in block) so the software pipeliner sees all k * ceil(C_in / BLOCK_K) steps.
+    num_kb = tl.cdiv(C_in, BLOCK_K)
+    for it in range(0, KSIZE * num_kb):
+        j = it // num_kb
+        offs_c = (it - j * num_kb) * BLOCK_K + offs_k
+        c_ok = offs_c < C_in
+        ts = t + j - PAD_L                      # input time step of tap j; the zero padding is this mask
+        row_ok = m_ok & (ts >= 0) & (ts < T)
+        x_ptrs = (x_ptr + b[:, None] * stride_xb + ts.to(tl.int64)[:, None] * stride_xt
+                  + offs_c.to(tl.int64)[None, :] * stride_xc)
+        xt = tl.load(x_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        w_ptrs = (w_ptr + j.to(tl.int64) * stride_wk + offs_c.to(tl.int64)[:, None] * stride_wc
+                  + offs_n64[None, :] * stride_wn)
+        w_mask = c_ok[:, None] & n_ok[None, :]
+        wa = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        wg = tl.load(w_ptrs + C_out * stride_wn, mask=w_mask, other=0.0)
+        acc_a = _mma(acc_a, xt, wa, DOT_FP32, INPUT_PRECISION)
+        acc_g = _mma(acc_g, xt, wg, DOT_FP32, INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc_a += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(bias_ptr + C_out + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    rows = offs_m.to(tl.int64)
+    if STORE_H:
+        h_ptrs = h_ptr + rows[:, None] * (2 * C_out) + offs_n64[None, :]
+        tl.store(h_ptrs, acc_a.to(h_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(h_ptrs + C_out, acc_g.to(h_ptr.dtype.element_ty), mask=out_mask)
+    if STORE_Y:
+        y = acc_a * tl.sigmoid(acc_g)
+        if HAS_RES:
+            r_ptrs = res_ptr + b[:, None] * stride_rb + t.to(tl.int64)[:, None] * stride_rt + offs_n64[None, :] * stride_rc
+            y = (y + tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)) * _SQRT_HALF
+        tl.store(y_ptr + rows[:, None] * C_out + offs_n64[None, :], y.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backward 1: dh = GLU'(h) * dy (one pass over dy and h), dresidual = dy * sqrt(0.5), per-row-block db partials
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _glu_bwd_kernel(
+    # pointers
+    dy_ptr, h_ptr, dh_ptr, dres_ptr, dbp_ptr,
+    # dimensions
+    M, T, C_out,
+    # strides (dy may be any view; h, dh (M, 2*C_out), dres (M, C_out), dbp (cdiv(M, BLOCK_M), 2*C_out) contiguous)
+    stride_dyb, stride_dyt, stride_dyc,
+    # meta-parameters
+    HAS_RES: tl.constexpr, STORE_DB: tl.constexpr, STORE_DRES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_ok = offs_m < M
+    mask = m_ok[:, None] & (offs_n < C_out)[None, :]
+    b = (offs_m // T).to(tl.int64)
+    t = (offs_m % T).to(tl.int64)
+    rows = offs_m.to(tl.int64)
+
+    dy = tl.load(dy_ptr + b[:, None] * stride_dyb + t[:, None] * stride_dyt + offs_n[None, :] * stride_dyc,
+                 mask=mask, other=0.0).to(tl.float32)
+    h_ptrs = h_ptr + rows[:, None] * (2 * C_out) + offs_n[None, :]
+    a = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(h_ptrs + C_out, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        dy = dy * _SQRT_HALF                   # d/dg of (g + r) * sqrt(0.5); also the residual's gradient
+        if STORE_DRES:
+            tl.store(dres_ptr + rows[:, None] * C_out + offs_n[None, :], dy.to(dres_ptr.dtype.element_ty),
+                     mask=mask)
+    sig = tl.sigmoid(g)
+    da = dy * sig
+    dg = dy * a * sig * (1.0 - sig)
+    dh_ptrs = dh_ptr + rows[:, None] * (2 * C_out) + offs_n[None, :]
+    tl.store(dh_ptrs, da.to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh_ptrs + C_out, dg.to(dh_ptr.dtype.element_ty), mask=mask)
+    if STORE_DB:
+        # db from the fp32 dh (masked rows hold zeros); row blocks are summed on the host in a fixed order.
+        dbp = dbp_ptr + pid_m.to(tl.int64) * (2 * C_out) + offs_n
+        tl.store(dbp, tl.sum(da, axis=0), mask=offs_n < C_out)
+        tl.store(dbp + C_out, tl.sum(dg, axis=0), mask=offs_n < C_out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backward 2: dx[s] = sum_j dh[s + pad_l - j] @ W[j]^T   (the transposed implicit GEMM: taps flipped)
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.autotune(
+    configs=_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+                      (64, 64, 64, 4, 4)], (32, 32, 32)),
+    key=["C_in", "C_out", "KSIZE", "M_BUCKET"],
+)
+@triton.jit
+def _dx_kernel(
+    # pointers
+    dh_ptr, w_ptr, dx_ptr,
+    # dimensions
+    M, T, C_in, C_out, M_BUCKET,
+    # strides (dh (M, 2*C_out) and dx (M, C_in) are contiguous)
+    stride_wk, stride_wc, stride_wn,
+    # meta-parameters
+    KSIZE: tl.constexpr, PAD_L: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
+):
+    pid_m, pid_n = _tile_ids(M, C_in, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)        # input positions s
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)        # input channels
+    offs_k = tl.arange(0, BLOCK_K)                          # over the 2*C_out channels of dh
+    m_ok = offs_m < M
+    c_ok = offs_c < C_in
+    t = offs_m % T
+    N2 = 2 * C_out
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_kb = tl.cdiv(N2, BLOCK_K)
+    for it in range(0, KSIZE * num_kb):
+        j = it // num_kb
+        offs_n = (it - j * num_kb) * BLOCK_K + offs_k
+        n_ok = offs_n < N2
+        shift = PAD_L - j                                   # output step t = s + pad_l - j used input s at tap j
+        row_ok = m_ok & (t + shift >= 0) & (t + shift < T)
+        dh_ptrs = dh_ptr + (offs_m + shift).to(tl.int64)[:, None] * N2 + offs_n.to(tl.int64)[None, :]
+        dh = tl.load(dh_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        w_ptrs = (w_ptr + j.to(tl.int64) * stride_wk + offs_n.to(tl.int64)[:, None] * stride_wn
+                  + offs_c.to(tl.int64)[None, :] * stride_wc)
+        wt = tl.load(w_ptrs, mask=n_ok[:, None] & c_ok[None, :], other=0.0)      # W[j]^T tile (BLOCK_K, BLOCK_N)
+        acc = _mma(acc, dh, wt, DOT_FP32, INPUT_PRECISION)
+
+    dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * C_in + offs_c.to(tl.int64)[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backward 3: dW[j] = sum_m x_j[m]^T dh[m], the M reduction split into SPLIT chunks (partials summed on the host)
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.autotune(
+    configs=_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+                      (128, 128, 32, 4, 4)], (32, 32, 32)),
+    key=["C_in", "C_out", "KSIZE", "M_BUCKET", "ROWS_PER_SPLIT"],
+)
+@triton.jit
+def _dw_kernel(
+    # pointers
+    x_ptr, dh_ptr, dw_ptr,
+    # dimensions
+    M, T, C_in, C_out, M_BUCKET, ROWS_PER_SPLIT,
+    # strides (x any view; dh (M, 2*C_out) contiguous; dw: (SPLIT, k, C_in, 2*C_out) partials or (k, C_in, 2*C_out))
+    stride_xb, stride_xt, stride_xc,
+    stride_ds, stride_dk, stride_dc, stride_dn,
+    # meta-parameters
+    KSIZE: tl.constexpr, PAD_L: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
+):
+    N2 = 2 * C_out
+    pid_c, pid_n = _tile_ids(C_in, N2, BLOCK_M, BLOCK_N, GROUP_M)
+    j = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_c = pid_c * BLOCK_M + tl.arange(0, BLOCK_M)        # input channels (rows of dW[j])
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)        # 2*C_out channels (columns of dW[j])
+    offs_k = tl.arange(0, BLOCK_K)                          # positions m (the reduction)
+    c_ok = offs_c < C_in
+    n_ok = offs_n < N2
+    offs_c64 = offs_c.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    row_start = split * ROWS_PER_SPLIT
+    row_end = tl.minimum(row_start + ROWS_PER_SPLIT, M)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_K):
+        offs_r = r0 + offs_k
+        b = (offs_r // T).to(tl.int64)
+        ts = offs_r % T + j - PAD_L
+        r_ok = (offs_r < row_end) & (ts >= 0) & (ts < T)
+        x_ptrs = (x_ptr + b[None, :] * stride_xb + ts.to(tl.int64)[None, :] * stride_xt
+                  + offs_c64[:, None] * stride_xc)
+        xt = tl.load(x_ptrs, mask=c_ok[:, None] & r_ok[None, :], other=0.0)      # x_j^T tile (BLOCK_M, BLOCK_K)
+        dh_ptrs = dh_ptr + offs_r.to(tl.int64)[:, None] * N2 + offs_n64[None, :]
+        dh = tl.load(dh_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _mma(acc, xt, dh, DOT_FP32, INPUT_PRECISION)
+
+    dw_ptrs = (dw_ptr + split.to(tl.int64) * stride_ds + j.to(tl.int64) * stride_dk + offs_c64[:, None] * stride_dc
+               + offs_n64[None, :] * stride_dn)
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=c_ok[:, None] & n_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# host launchers: check, allocate, launch
+# ----------------------------------------------------------------------------------------------------------------
+
+def _pad_left(k: int, causal: bool) -> int:
+    return k - 1 if causal else (k - 1) // 2
+
+
+def _dot_args(dtype) -> dict:
+    import torch
+    # fp32 follows torch's own matmul setting (tf32 only when allowed), so the backend matches torch's numerics.
+    precision = "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if dtype != torch.float32:
+        precision = "tf32"                      # ignored for 16-bit operands; the default everywhere
+    return {"DOT_FP32": INTERPRET and dtype == torch.bfloat16, "INPUT_PRECISION": precision}
+
+
+def _device_guard(t):
+    import contextlib
+
+    import torch
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _check(x, weight, bias, residual):
+    B, T, C_in = x.shape
+    k, w_in, c2 = weight.shape
+    assert w_in == C_in and c2 % 2 == 0, (tuple(x.shape), tuple(weight.shape))
+    assert bias is None or tuple(bias.shape) == (c2,)
+    assert residual is None or tuple(residual.shape) == (B, T, c2 // 2)
+    for t in (weight, bias, residual):
+        assert t is None or (t.dtype == x.dtype and t.device == x.device)
+    return B, T, C_in, c2 // 2, k
+
+
+def glu_conv_fwd(x, weight, bias=None, residual=None, causal: bool = False, *, store_h: bool = True,
+                 store_y: bool = True):
+    """x (B, T, C_in), weight (k, C_in, 2*C_out), bias (2*C_out,) | None, residual (B, T, C_out) | None; any strides.
+
+    Returns (y (B, T, C_out) or None, h (B, T, 2*C_out) or None): y if store_y, the pre-GLU activation
+    h = conv(x) + bias (in x's dtype) if store_h. Both contiguous.
+    """
+    import torch
+    B, T, C_in, C_out, k = _check(x, weight, bias, residual)
+    M = B * T
+    y = torch.empty(B, T, C_out, device=x.device, dtype=x.dtype) if store_y else None
+    h = torch.empty(B, T, 2 * C_out, device=x.device, dtype=x.dtype) if store_h else None
+    res_strides = residual.stride() if residual is not None else (0, 0, 0)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(C_out, META["BLOCK_N"]),)  # noqa: E731
+    with _device_guard(x):
+        _fwd_kernel[grid](
+            x, weight, bias if bias is not None else x, residual if residual is not None else x,
+            y if y is not None else x, h if h is not None else x,
+            M, T, C_in, C_out, triton.next_power_of_2(M),
+            *x.stride(), *weight.stride(), *res_strides,
+            KSIZE=k, PAD_L=_pad_left(k, causal), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+            STORE_Y=store_y, STORE_H=store_h, **_dot_args(x.dtype),
+        )
+    return y, h
+
+
+def _dw_split(M: int, C_in: int, C_out: int, k: int, device) -> int:
+    """Rows of M per dW program: enough programs to fill the GPU twice over, each reducing >= 512 rows."""
+    import torch
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    min_rows = 512 if device.type == "cuda" else 32     # small in the interpreter, so CPU tests run split > 1
+    tiles = triton.cdiv(C_in, 128) * triton.cdiv(2 * C_out, 128) * k
+    split = max(1, min(triton.cdiv(2 * n_sm, tiles), triton.cdiv(M, min_rows)))
+    rows = triton.cdiv(M, split)
+    return triton.cdiv(rows, 128) * 128                 # a multiple of every BLOCK_K, so splits align to blocks
+
+
+def glu_conv_bwd(dy, x, weight, bias, h, has_residual: bool, causal: bool, *, need_dx: bool = True,
+                 need_dw: bool = True, need_db: bool = True, need_dres: bool = True):
+    """Gradients of glu_conv. dy (B, T, C_out) any strides; h: the forward's pre-GLU activation (B, T, 2*C_out)
+    contiguous, or None to recompute it (one more implicit GEMM).
+
+    Returns (dx (B, T, C_in), dweight (k, C_in, 2*C_out), dbias (2*C_out,), dresidual (B, T, C_out)), each None
+    where not asked for (dbias also when bias is None, dresidual when there was no residual).
+    """
+    import torch
+    B, T, C_in, C_out, k = _check(x, weight, bias, None)
+    M = B * T
+    pad_l = _pad_left(k, causal)
+    dot = _dot_args(x.dtype)
+    need_db = need_db and bias is not None
+    need_dres = need_dres and has_residual
+    if h is None:
+        _, h = glu_conv_fwd(x, weight, bias, None, causal, store_h=True, store_y=False)
+    assert h.is_contiguous() and tuple(h.shape) == (B, T, 2 * C_out)
+
+    with _device_guard(x):
+        dh = torch.empty(B, T, 2 * C_out, device=x.device, dtype=x.dtype)
+        dres = torch.empty(B, T, C_out, device=x.device, dtype=x.dtype) if need_dres else None
+        bm = 32
+        bn = 32 if INTERPRET else 128
+        dbp = torch.empty(triton.cdiv(M, bm), 2 * C_out, device=x.device, dtype=torch.float32) if need_db else None
+        _glu_bwd_kernel[(triton.cdiv(M, bm), triton.cdiv(C_out, bn))](
+            dy, h, dh, dres if dres is not None else dh, dbp if dbp is not None else dh,
+            M, T, C_out, *dy.stride(),
+            HAS_RES=has_residual, STORE_DB=need_db, STORE_DRES=need_dres, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+        )
+        db = dbp.sum(0).to(x.dtype) if need_db else None
+
+        dx = None
+        if need_dx:
+            dx = torch.empty(B, T, C_in, device=x.device, dtype=x.dtype)
+            grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(C_in, META["BLOCK_N"]),)  # noqa: E731
+            _dx_kernel[grid](
+                dh, weight, dx, M, T, C_in, C_out, triton.next_power_of_2(M), *weight.stride(),
+                KSIZE=k, PAD_L=pad_l, **dot,
+            )
+
+        dw = None
+        if need_dw:
+            rows = _dw_split(M, C_in, C_out, k, x.device)
+            split = triton.cdiv(M, rows)
+            if split == 1:
+                dw = out = torch.empty(k, C_in, 2 * C_out, device=x.device, dtype=x.dtype)
+                out_strides = (0, *out.stride())
+            else:
+                out = torch.empty(split, k, C_in, 2 * C_out, device=x.device, dtype=torch.float32)
+                out_strides = out.stride()
+            grid = lambda META: (triton.cdiv(C_in, META["BLOCK_M"]) * triton.cdiv(2 * C_out, META["BLOCK_N"]),  # noqa: E731
+                                 k, split)
+            _dw_kernel[grid](
+                x, dh, out, M, T, C_in, C_out, triton.next_power_of_2(M), rows,
+                *x.stride(), *out_strides,
+                KSIZE=k, PAD_L=pad_l, **dot,
+            )
+            if split > 1:
+                dw = out.sum(0).to(x.dtype)     # a fixed-order reduction: deterministic, unlike float atomics
+    return dx, dw, db, dres

@@ -102,6 +102,16 @@ def resolve(op: str, backend: str, device: torch.device):
 
     Raises BackendUnavailableError when an explicitly named backend cannot run here.
     """
+    name = _resolve_name(op, backend, str(device))
+    return name, _IMPLS[(op, name)]
+
+
+# torch.compile cannot trace the discovery below (importlib, lru_cache'd import probes) nor bake a returned
+# function into its graph; it can bake a string. So the name is resolved eagerly at trace time, and the
+# callable is a plain dict lookup.
+@torch.compiler.assume_constant_result
+def _resolve_name(op: str, backend: str, device_str: str) -> str:
+    device = torch.device(device_str)
     if backend == "auto":
         env = os.environ.get("CONVS2S_BACKEND", "").strip()
         if env and env != "auto":
@@ -110,9 +120,8 @@ def resolve(op: str, backend: str, device: torch.device):
             order = ("native", "triton", "reference") if device.type == "cuda" else ("native", "reference")
             for b in order:
                 if why_not(b, device) is None:
-                    fn = _lookup(op, b)
-                    if fn is not None:
-                        return b, fn
+                    if _lookup(op, b) is not None:
+                        return b
             raise AssertionError("unreachable: the reference backend is always usable")
     reason = why_not(backend, device)
     if reason is not None:
@@ -120,7 +129,7 @@ def resolve(op: str, backend: str, device: torch.device):
     fn = _lookup(op, backend)
     if fn is None:
         raise BackendUnavailableError(f"op {op!r} has no {backend!r} implementation yet")
-    return backend, fn
+    return backend
 
 
 _IMPLS: dict[tuple[str, str], object] = {}

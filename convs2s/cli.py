@@ -1,0 +1,157 @@
+"""The `convs2s` command (also `python -m convs2s`).
+
+    convs2s train     --preset auto --data DIR --src-lang de --tgt-lang en --save-dir runs/x --max-minutes 20
+    convs2s translate --checkpoint runs/x/best.pt [--input FILE]          stdin -> stdout, one sentence a line
+    convs2s evaluate  --checkpoint runs/x/best.pt --split test_2016_flickr   (or --src FILE --ref FILE)
+
+Each subcommand is one entry of SUBCOMMANDS: a function that adds its parser to the subparsers and sets
+`func` (called with the parsed arguments, returns the exit status). New subcommands (bench, plot-attention)
+add an entry there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--max-tokens", type=int, default=4000, help="padded tokens per batch (default 4000)")
+
+
+def _add_train(sub) -> None:
+    from .train import TrainArgs
+    d = TrainArgs()
+    p = sub.add_parser("train", help="train on Multi30k", description=(
+        "Train ConvS2S on Multi30k task 1. Launch with torchrun --nproc-per-node N for N processes "
+        "(gloo on CPU, NCCL on GPU)."))
+    p.add_argument("--preset", default=d.preset, help="model preset: auto (multi30k on a GPU, small on a CPU), "
+                   "tiny, small, multi30k, fconv_iwslt_de_en, ...")
+    p.add_argument("--data", default=None, help="folder of the Multi30k raw files (default: $CONVS2S_DATA, else "
+                   "downloaded into ~/.cache/convs2s/multi30k)")
+    p.add_argument("--src-lang", default=d.src_lang, choices=("de", "en", "fr", "cs"))
+    p.add_argument("--tgt-lang", default=d.tgt_lang, choices=("de", "en", "fr", "cs"))
+    p.add_argument("--save-dir", default=d.save_dir, help="checkpoints (last.pt, best.pt) and train_log.jsonl")
+    p.add_argument("--max-epochs", type=int, default=d.max_epochs, help="0 = no limit")
+    p.add_argument("--max-updates", type=int, default=d.max_updates, help="0 = no limit")
+    p.add_argument("--max-minutes", type=float, default=d.max_minutes, help="wall-clock cap (0 = no limit)")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="padded tokens per batch and rank")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                   help="continue from CKPT (default: <save-dir>/last.pt)")
+    p.add_argument("--backend", default=d.backend, choices=("auto", "reference", "triton", "native"))
+    p.add_argument("--device", default=d.device, help="auto (cuda if available, else cpu), cpu, cuda")
+    p.add_argument("--optimizer", default=d.optimizer, choices=("nag", "adam"),
+                   help="nag: SGD with Nesterov momentum (the paper's); adam")
+    p.add_argument("--lr", type=float, default=None, help="default 0.25 (nag) or 5e-4 (adam)")
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--clip-norm", type=float, default=d.clip_norm)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--lr-shrink", type=float, default=d.lr_shrink,
+                   help="lr multiplier when the validation loss stops improving")
+    p.add_argument("--min-lr", type=float, default=None, help="stop below this lr (default lr * 1e-4)")
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="sentencepiece vocabulary per model")
+    p.add_argument("--spm-type", default=d.spm_type, choices=("bpe", "unigram"))
+    p.add_argument("--joint-vocab", action="store_true", help="one sentencepiece model for both languages")
+    p.add_argument("--train-subset", type=int, default=0, help="first N training pairs only (0 = all)")
+    p.add_argument("--val-subset", type=int, default=0, help="first N validation pairs only (0 = all)")
+    p.add_argument("--val-bleu-sentences", type=int, default=d.val_bleu_sentences,
+                   help="validation sentences decoded for BLEU each epoch (-1 = all, 0 = no BLEU)")
+    p.add_argument("--log-interval", type=int, default=d.log_interval, help="updates between JSONL records")
+    p.add_argument("--save-interval-updates", type=int, default=0, help="also save last.pt every N updates")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
+    p.add_argument("--metrics-json", default=None, help="write the final metrics to this JSON file")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(a: argparse.Namespace) -> int:
+    from .train import TrainArgs, train
+    fields = {f.name for f in dataclasses.fields(TrainArgs)}
+    train(TrainArgs(**{k: v for k, v in vars(a).items() if k in fields}))
+    return 0
+
+
+def _add_translate(sub) -> None:
+    p = sub.add_parser("translate", help="translate text with a checkpoint (greedy)",
+                       description="Translate one sentence per line, from --input (default stdin) to stdout.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", default="-", help="plain or .gz file, one sentence a line ('-' = stdin)")
+    p.add_argument("--output", default="-", help="'-' = stdout")
+    p.add_argument("--backend", default=None, choices=("auto", "reference", "triton", "native"))
+    p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy, the only one for now)")
+    p.add_argument("--max-len-a", type=float, default=1.2)
+    p.add_argument("--max-len-b", type=int, default=10)
+    _add_common(p)
+    p.set_defaults(func=_run_translate)
+
+
+def _run_translate(a: argparse.Namespace) -> int:
+    from .data import read_lines
+    from .evaluate import resolve_device
+    from .generate import translate_lines
+    from .train import load_checkpoint, model_from_checkpoint
+    model, tok = model_from_checkpoint(load_checkpoint(a.checkpoint), resolve_device(a.device), a.backend)
+    lines = [line.rstrip("\r\n") for line in sys.stdin] if a.input == "-" else read_lines(a.input)
+    hyps = translate_lines(model, tok, lines, max_tokens=a.max_tokens, beam=a.beam, max_len_a=a.max_len_a,
+                           max_len_b=a.max_len_b)
+    text = "".join(h + "\n" for h in hyps)
+    if a.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(a.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="translate a test set and score it (sacreBLEU, chrF)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default=None, choices=("train", "val", "test_2016_flickr", "test_2017_flickr"),
+                   help="a Multi30k split (languages from the checkpoint unless --src-lang/--tgt-lang)")
+    p.add_argument("--src", default=None, help="source file (plain or .gz), instead of --split")
+    p.add_argument("--ref", default=None, help="reference file (plain or .gz), with --src")
+    p.add_argument("--data", default=None, help="Multi30k folder (default: $CONVS2S_DATA, else the cache)")
+    p.add_argument("--src-lang", default=None)
+    p.add_argument("--tgt-lang", default=None)
+    p.add_argument("--output", default=None, help="hypotheses file (default: beside the checkpoint)")
+    p.add_argument("--backend", default=None, choices=("auto", "reference", "triton", "native"))
+    p.add_argument("--beam", type=int, default=1)
+    p.add_argument("--examples", type=int, default=0, help="print this many example translations")
+    p.add_argument("--metrics-json", default=None, help="write the scores to this JSON file")
+    _add_common(p)
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    if (a.split is None) == (a.src is None) or (a.src is not None and a.ref is None):
+        raise SystemExit("convs2s evaluate: give either --split NAME or --src FILE --ref FILE")
+    evaluate(a.checkpoint, split=a.split, src=a.src, ref=a.ref, data=a.data, src_lang=a.src_lang,
+             tgt_lang=a.tgt_lang, output=a.output, device=a.device, backend=a.backend, max_tokens=a.max_tokens,
+             beam=a.beam, examples=a.examples, metrics_json=a.metrics_json)
+    return 0
+
+
+SUBCOMMANDS = {
+    "train": _add_train,
+    "translate": _add_translate,
+    "evaluate": _add_evaluate,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convs2s", description="ConvS2S translation with fused kernels")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

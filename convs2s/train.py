@@ -1,0 +1,486 @@
+"""Training ConvS2S on Multi30k: `convs2s train` (or `python -m convs2s train`), single- or multi-process.
+
+    train(TrainArgs(preset="small", src_lang="de", tgt_lang="en", save_dir="runs/x", max_minutes=20))
+
+What one run does, in order:
+  1. torch.distributed when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; one device per rank.
+  2. Data: Multi30k train + val from --data / $CONVS2S_DATA / the download cache (convs2s.data).
+  3. Tokenizer: sentencepiece trained on the training split by rank 0 and broadcast (or taken from --resume).
+  4. Model: a preset of convs2s.model (auto: "multi30k" on a GPU, "small" on a CPU); DDP when distributed.
+  5. Updates on token-count batches (--max-tokens): label-smoothed cross-entropy (0.1) normalised by the
+     number of target tokens of the whole step (all ranks), gradient-norm clip 0.1, Nesterov momentum 0.99
+     (lr 0.25) or Adam; bf16 autocast on CUDA, fp32 on CPU.
+  6. After each epoch: validation loss and greedy BLEU; lr x 0.1 when the validation loss did not improve
+     (fairseq's reduce-on-plateau with lr_shrink 0.1); checkpoints `last.pt` and `best.pt` (rank 0 only).
+  7. Stops at --max-epochs, --max-updates, --max-minutes, or when lr falls below --min-lr; a stop inside an
+     epoch validates and saves too, and --resume continues from that exact batch.
+
+Checkpoints hold the model config, the tokenizer's model protos, weights, optimizer, schedule state and every
+rank's RNG state, all plain Python / tensors (loaded with torch.load(weights_only=True)); they are written to a
+temporary file and renamed, so a crash mid-write leaves the previous checkpoint intact. With --deterministic
+(deterministic algorithms, same seed and settings) the losses after --resume equal those of an uninterrupted run.
+
+Logs: tqdm progress bars (loss, perplexity, target tokens/s) and `<save-dir>/train_log.jsonl` (one JSON object per
+--log-interval updates and per validation); --metrics-json writes the run's final numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import data as data_mod
+from .generate import autocast_for, translate_lines
+from .model import PRESETS, ConvS2S, ConvS2SConfig
+from .tokenizer import PAD_ID, Tokenizer
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainArgs:
+    preset: str = "auto"              # a convs2s.model preset; auto = multi30k on CUDA, small on CPU
+    data: str | None = None           # folder of Multi30k raw files (None: $CONVS2S_DATA, else download cache)
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    save_dir: str = "checkpoints"
+    max_epochs: int = 0               # 0 = no limit
+    max_updates: int = 0              # 0 = no limit
+    max_minutes: float = 0.0          # wall-clock cap on this process's training (0 = no limit)
+    max_tokens: int = 4000            # padded tokens per batch per rank (fairseq's --max-tokens)
+    seed: int = 1
+    resume: str | None = None         # checkpoint to continue from ("" = <save_dir>/last.pt)
+    backend: str = "auto"             # fused-op backend: auto | reference | triton | native
+    device: str = "auto"              # auto = cuda if available, else cpu
+    optimizer: str = "nag"            # nag (SGD with Nesterov momentum) | adam
+    lr: float | None = None           # None: 0.25 for nag, 5e-4 for adam
+    momentum: float = 0.99
+    weight_decay: float = 0.0
+    clip_norm: float = 0.1
+    label_smoothing: float = 0.1
+    lr_shrink: float = 0.1            # lr multiplier when the validation loss did not improve
+    min_lr: float | None = None       # stop below this lr; None = lr * 1e-4 (four plateaus)
+    dropout: float | None = None      # None: the preset's
+    vocab_size: int = 8000
+    spm_type: str = "bpe"             # bpe | unigram
+    joint_vocab: bool = False         # one sentencepiece model for both languages
+    train_subset: int = 0             # use only the first N training pairs (0 = all)
+    val_subset: int = 0               # use only the first N validation pairs (0 = all)
+    val_bleu_sentences: int = -1      # greedy-decode this many validation sentences for BLEU (-1 = all, 0 = none)
+    log_interval: int = 50            # updates between JSONL train records
+    save_interval_updates: int = 0   # also save last.pt every N updates (0 = at epoch ends and at the stop)
+    deterministic: bool = False       # torch.use_deterministic_algorithms (exact resume on CUDA too)
+    metrics_json: str | None = None   # write the final metrics here (rank 0)
+    progress: bool = True             # tqdm bars (rank 0)
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if d.enabled and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+def _all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (atomic on POSIX):
+    a process killed mid-write leaves the previous file untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a convs2s checkpoint of format {CHECKPOINT_FORMAT}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu", backend: str | None = None):
+    """(model in eval mode on `device`, tokenizer) from a loaded checkpoint; `backend` overrides the saved one."""
+    cfg = dict(ckpt["config"])
+    if backend is not None:
+        cfg["backend"] = backend
+    model = ConvS2S(ConvS2SConfig.from_dict(cfg))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), Tokenizer.from_state(ckpt["tokenizer"])
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------------------------- loss
+
+def label_smoothed_nll_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float, pad_idx: int = PAD_ID):
+    """(loss sum, nll sum) over the non-padding targets, in fp32.
+
+    logits (B, T, V), target (B, T). fairseq's label smoothing: (1 - eps - eps/(V-1)) * nll + eps/(V-1) * sum
+    over the vocabulary of -log p, i.e. eps spread uniformly over the other V - 1 classes.
+    """
+    lprobs = F.log_softmax(logits.float(), dim=-1)                                   # (B, T, V)
+    mask = target.ne(pad_idx)                                                        # (B, T)
+    nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)[mask].sum()
+    smooth = -lprobs.sum(dim=-1)[mask].sum()
+    eps_i = epsilon / (lprobs.shape[-1] - 1)
+    return (1.0 - epsilon - eps_i) * nll + eps_i * smooth, nll
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class _JsonlLog:
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def validate(model, ds: data_mod.PairDataset, max_tokens: int, device: torch.device, epsilon: float) -> dict:
+    """Label-smoothed and nll loss per target token on `ds` (every rank computes the whole set)."""
+    model.eval()
+    loss = nll = 0.0
+    ntokens = 0
+    with autocast_for(device):
+        for idx in data_mod.token_batches(ds.src_sizes, ds.tgt_sizes, max_tokens):
+            b = ds.collate(idx).to(device)
+            l, n = label_smoothed_nll_loss(model(b.src_tokens, b.src_lengths, b.prev_output_tokens), b.target,
+                                           epsilon)
+            loss, nll, ntokens = loss + float(l), nll + float(n), ntokens + b.ntokens
+    model.train()
+    return {"loss": loss / ntokens, "nll_loss": nll / ntokens, "ppl": math.exp(nll / ntokens)}
+
+
+def val_bleu(model, tok: Tokenizer, src: list[str], ref: list[str], max_tokens: int) -> dict:
+    import sacrebleu
+    hyps = translate_lines(model, tok, src, max_tokens=max_tokens)
+    bleu = sacrebleu.metrics.BLEU()
+    return {"bleu": bleu.corpus_score(hyps, [ref]).score, "bleu_signature": str(bleu.get_signature())}
+
+
+class TrainResult(NamedTuple):
+    metrics: dict          # the final numbers (the same on every rank)
+    model: ConvS2S         # this rank's model (not DDP-wrapped), in train mode
+    tokenizer: Tokenizer
+
+
+def train(args: TrainArgs) -> TrainResult:
+    """Run training as `args` says."""
+    t_start = time.time()
+    d, device = init_distributed(args.device)
+    if args.deterministic:
+        # cuBLAS needs a fixed workspace for deterministic results (set before the first CUDA matmul).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    save_dir = Path(args.save_dir)
+    if d.main:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    log = _JsonlLog(save_dir / "train_log.jsonl" if d.main else None)
+
+    ckpt = None
+    if args.resume is not None:
+        ckpt = load_checkpoint(args.resume or save_dir / "last.pt")
+        saved = ckpt["args"]
+        # The run's identity comes from the checkpoint; limits, logging and devices from this command line.
+        keep = {"max_epochs", "max_updates", "max_minutes", "resume", "save_dir", "device", "backend", "data",
+                "metrics_json", "progress", "log_interval", "save_interval_updates", "val_bleu_sentences"}
+        args = dataclasses.replace(args, **{k: v for k, v in saved.items()
+                                           if k not in keep and k in TrainArgs.__dataclass_fields__})
+    preset = args.preset
+    if preset == "auto":
+        preset = "multi30k" if device.type == "cuda" else "small"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose auto or one of {', '.join(PRESETS)}")
+    lr0 = args.lr if args.lr is not None else {"nag": 0.25, "adam": 5e-4}[args.optimizer]
+    min_lr = args.min_lr if args.min_lr is not None else lr0 * 1e-4
+
+    # Data (every rank reads it; rank 0 trains the tokenizer and sends it to the others).
+    names = [data_mod.file_name(s, l) for s in ("train", "val") for l in (args.src_lang, args.tgt_lang)]
+    if d.main:
+        data_dir = data_mod.find_data(args.data, files=names)
+    if d.enabled:
+        box = [str(data_dir) if d.main else None]
+        dist.broadcast_object_list(box, src=0)
+        data_dir = Path(box[0])
+    train_src, train_tgt = data_mod.load_pair(data_dir, "train", args.src_lang, args.tgt_lang)
+    val_src, val_tgt = data_mod.load_pair(data_dir, "val", args.src_lang, args.tgt_lang)
+    if args.train_subset:
+        train_src, train_tgt = train_src[:args.train_subset], train_tgt[:args.train_subset]
+    if args.val_subset:
+        val_src, val_tgt = val_src[:args.val_subset], val_tgt[:args.val_subset]
+    if ckpt is not None:
+        tok = Tokenizer.from_state(ckpt["tokenizer"])
+    else:
+        box = [None]
+        if d.main:
+            tok = Tokenizer.train(train_src, train_tgt, vocab_size=args.vocab_size, model_type=args.spm_type,
+                                  joint=args.joint_vocab)
+            box = [tok.state()]
+        if d.enabled:
+            dist.broadcast_object_list(box, src=0)
+        tok = Tokenizer.from_state(box[0])
+
+    # Model: the same initial weights on every rank (seeded), then a per-rank stream for dropout.
+    torch.manual_seed(args.seed)
+    if ckpt is not None:
+        cfg = ConvS2SConfig.from_dict({**ckpt["config"], "backend": args.backend})
+    else:
+        overrides = {"dropout": args.dropout} if args.dropout is not None else {}
+        cfg = ConvS2SConfig(src_vocab_size=tok.src_vocab_size, tgt_vocab_size=tok.tgt_vocab_size,
+                            backend=args.backend, **{**PRESETS[preset], **overrides})
+    model = ConvS2S(cfg)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    model.to(device)
+    torch.manual_seed(args.seed + d.rank)
+    n_params = sum(p.numel() for p in model.parameters())
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                    else None) if d.enabled else model
+
+    if args.optimizer == "nag":
+        opt = torch.optim.SGD(model.parameters(), lr=lr0, momentum=args.momentum, nesterov=True,
+                              weight_decay=args.weight_decay)
+    elif args.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr0, weight_decay=args.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be nag or adam, got {args.optimizer!r}")
+
+    train_ds = data_mod.PairDataset(tok.encode_src(train_src), tok.encode_tgt(train_tgt))
+    dropped = train_ds.filter_long(cfg.max_source_positions, cfg.max_target_positions)
+    val_ds = data_mod.PairDataset(tok.encode_src(val_src), tok.encode_tgt(val_tgt))
+    val_ds.filter_long(cfg.max_source_positions, cfg.max_target_positions)
+    sampler = data_mod.TokenBatchSampler(train_ds.src_sizes, train_ds.tgt_sizes, args.max_tokens, seed=args.seed,
+                                         rank=d.rank, world_size=d.world_size)
+    n_bleu = len(val_src) if args.val_bleu_sentences < 0 else min(args.val_bleu_sentences, len(val_src))
+
+    # Schedule state: `plateau_best` drives the lr (epoch ends only, so a mid-epoch stop does not change the
+    # schedule and resume stays exact); `best_val` is the best validation loss saved as best.pt.
+    state = {"epoch": 1, "batch_in_epoch": 0, "updates": 0, "lr": lr0, "plateau_best": math.inf,
+             "best_val": math.inf, "train_wall_s": 0.0}
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        state.update(ckpt["train_state"])
+        rng = ckpt["rng"]
+        if len(rng) == d.world_size:
+            _set_rng_state(rng[d.rank], device)
+    for g in opt.param_groups:
+        g["lr"] = state["lr"]
+
+    def checkpoint() -> dict:
+        rng = [_rng_state(device)]
+        if d.enabled:
+            rng = [None] * d.world_size
+            dist.all_gather_object(rng, _rng_state(device))
+            rng = [{k: v.cpu() for k, v in r.items()} for r in rng]
+        return {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "tokenizer": tok.state(),
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "train_state": dict(state),
+                "rng": rng, "args": dataclasses.asdict(args) | {"preset": preset}}
+
+    def save(best: bool) -> None:
+        obj = checkpoint()            # every rank joins the RNG gather; rank 0 writes
+        if d.main:
+            save_checkpoint(obj, save_dir / "last.pt")
+            if best:
+                save_checkpoint(obj, save_dir / "best.pt")
+
+    def run_validation() -> dict:
+        v = validate(model, val_ds, args.max_tokens, device, args.label_smoothing)
+        if n_bleu:
+            v |= val_bleu(model, tok, val_src[:n_bleu], val_tgt[:n_bleu], args.max_tokens)
+        v = {"type": "valid", "epoch": state["epoch"], "update": state["updates"], **v,
+             "wall_s": round(time.time() - t_start, 2)}
+        log.write(v)
+        if d.main:
+            bleu = f", BLEU {v['bleu']:.2f}" if "bleu" in v else ""
+            tqdm.write(f"epoch {state['epoch']} update {state['updates']}: valid loss {v['loss']:.4f}, "
+                       f"ppl {v['ppl']:.2f}{bleu}")
+        return v
+
+    if d.main:
+        tqdm.write(f"convs2s train: {args.src_lang}->{args.tgt_lang}, preset {preset} ({n_params / 1e6:.2f}M "
+                   f"parameters), {len(train_ds)} training pairs ({dropped} too long dropped), vocab "
+                   f"{tok.src_vocab_size}/{tok.tgt_vocab_size}, device {device}, world size {d.world_size}, "
+                   f"{args.optimizer} lr {state['lr']:g}")
+        log.write({"type": "start", "args": dataclasses.asdict(args), "preset": preset, "params": n_params,
+                   "device": str(device), "world_size": d.world_size, "resumed_at": state["updates"]
+                   if ckpt is not None else None})
+
+    deadline = t_start + args.max_minutes * 60 if args.max_minutes > 0 else math.inf
+    last_valid: dict = {}
+    stop_reason = None
+    tokens_done, t_train0 = 0, time.time()
+    model.train()
+    while stop_reason is None:
+        if args.max_epochs and state["epoch"] > args.max_epochs:
+            stop_reason = "max_epochs"
+            break
+        sampler.set_epoch(state["epoch"], skip=state["batch_in_epoch"])
+        bar = tqdm(total=len(sampler) + state["batch_in_epoch"], initial=state["batch_in_epoch"],
+                   desc=f"epoch {state['epoch']}", disable=not (d.main and args.progress), dynamic_ncols=True,
+                   leave=False)
+        interval = torch.zeros(3, dtype=torch.float64)        # loss sum, nll sum, target tokens (all ranks)
+        t_interval = time.time()
+        for indices in sampler:
+            b = train_ds.collate(indices).to(device)
+            ntok = _all_reduce_sum(torch.tensor([float(b.ntokens)], device=device), d)
+            with autocast_for(device):
+                logits = ddp(b.src_tokens, b.src_lengths, b.prev_output_tokens)
+            loss, nll = label_smoothed_nll_loss(logits, b.target, args.label_smoothing)
+            # DDP averages gradients over ranks: scale so the result is the loss sum over all ranks / all tokens.
+            (loss * (d.world_size / ntok)).backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            stats = _all_reduce_sum(torch.stack([loss.detach(), nll.detach(), ntok[0]]).double().cpu(), d)
+            interval += stats
+            tokens_done += int(stats[2])
+            state["updates"] += 1
+            state["batch_in_epoch"] += 1
+            bar.update(1)
+            if state["updates"] % args.log_interval == 0 or state["updates"] == 1:
+                now = time.time()
+                rec = {"type": "train", "epoch": state["epoch"], "update": state["updates"],
+                       "loss": float(interval[0] / interval[2]), "nll_loss": float(interval[1] / interval[2]),
+                       "ppl": math.exp(float(interval[1] / interval[2])), "lr": state["lr"], "gnorm": float(gnorm),
+                       "tokens_per_s": float(interval[2]) / max(now - t_interval, 1e-9),
+                       "wall_s": round(now - t_start, 2)}
+                log.write(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}",
+                                tok_s=f"{rec['tokens_per_s']:.0f}", lr=f"{state['lr']:.3g}")
+                interval.zero_()
+                t_interval = now
+            if args.max_updates and state["updates"] >= args.max_updates:
+                stop_reason = "max_updates"
+            elif time.time() > deadline:
+                stop_reason = "max_minutes"
+            if stop_reason:
+                break
+            if args.save_interval_updates and state["updates"] % args.save_interval_updates == 0:
+                save(best=False)
+        bar.close()
+        epoch_done = _epoch_complete(sampler, state)
+        last_valid = run_validation()
+        improved = last_valid["loss"] < state["best_val"]
+        if improved:
+            state["best_val"] = last_valid["loss"]
+        if epoch_done:
+            if last_valid["loss"] < state["plateau_best"]:
+                state["plateau_best"] = last_valid["loss"]
+            else:
+                state["lr"] *= args.lr_shrink
+                for g in opt.param_groups:
+                    g["lr"] = state["lr"]
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+            if stop_reason is None and state["lr"] < min_lr:
+                stop_reason = "min_lr"
+        state["train_wall_s"] += time.time() - t_train0
+        t_train0 = time.time()
+        save(best=improved)
+
+    wall = time.time() - t_start
+    metrics = {
+        "preset": preset, "src_lang": args.src_lang, "tgt_lang": args.tgt_lang, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "world_size": d.world_size, "params": n_params, "optimizer": args.optimizer, "stop_reason": stop_reason,
+        "epochs_completed": state["epoch"] - 1, "updates": state["updates"], "wall_s": round(wall, 2),
+        "train_tokens_per_s": tokens_done / max(wall, 1e-9), "lr": state["lr"], "best_val_loss": state["best_val"],
+        "val_loss": last_valid.get("loss"), "val_ppl": last_valid.get("ppl"), "val_bleu": last_valid.get("bleu"),
+        "val_bleu_signature": last_valid.get("bleu_signature"), "torch": torch.__version__,
+        "commit": _git_commit(), "save_dir": str(save_dir),
+    }
+    if d.main:
+        log.write({"type": "end", **metrics})
+        tqdm.write(f"done ({stop_reason}): {state['updates']} updates, {state['epoch'] - 1} epochs, "
+                   f"{wall / 60:.1f} min; best valid loss {state['best_val']:.4f}; checkpoints in {save_dir}")
+        if args.metrics_json:
+            Path(args.metrics_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.metrics_json).write_text(json.dumps(metrics, indent=2) + "\n")
+    if d.enabled:
+        dist.barrier()
+    return TrainResult(metrics, model, tok)
+
+
+def _epoch_complete(sampler: data_mod.TokenBatchSampler, state: dict) -> bool:
+    """Whether this rank has consumed every batch of the current epoch."""
+    sampler.set_epoch(state["epoch"], skip=state["batch_in_epoch"])
+    return len(sampler) == 0

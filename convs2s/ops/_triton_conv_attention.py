@@ -1,0 +1,103 @@
+"""The Triton backend of conv_attention as torch.library custom ops (forward, backward, autograd, fake tensors).
+
+    convs2s::conv_attention_triton_fwd(x, target_embedding, encoder_keys, encoder_values, src_padding_mask?,
+                                       w_in, b_in, w_out, b_out, need_weights)
+        -> (out (B, Tt, C), attn (B, Tt, Ts) or (0,), ctx (B, Tt, E), q0 (B, Tt, E), lse (B, Tt) fp32,
+            root_s (B,) fp32)
+    convs2s::conv_attention_triton_bwd(dout, dattn?, x, encoder_keys, encoder_values, src_padding_mask?, w_in,
+                                       w_out, ctx, q0, lse, root_s, attn?)
+        -> (dx, dtarget_embedding, dkeys, dvalues, dw_in, db_in, dw_out, db_out)
+
+ctx, q0, lse and root_s are returned only for backward (not differentiable). Both ops are opaque to
+torch.compile, which traces them through their fake implementations (fullgraph=True works).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from convs2s.kernels import conv_attention as _k
+
+from ._backend import register
+
+
+@torch.library.custom_op("convs2s::conv_attention_triton_fwd", mutates_args=())
+def _fwd(x: Tensor, target_embedding: Tensor, encoder_keys: Tensor, encoder_values: Tensor,
+         src_padding_mask: Optional[Tensor], w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor,
+         need_weights: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        return _k.conv_attention_forward(x, target_embedding, encoder_keys, encoder_values, src_padding_mask,
+                                         w_in, b_in, w_out, b_out, need_weights)
+
+
+@_fwd.register_fake
+def _(x, target_embedding, encoder_keys, encoder_values, src_padding_mask, w_in, b_in, w_out, b_out,
+      need_weights):
+    B, Tt, C = x.shape
+    E = target_embedding.shape[2]
+    Ts = encoder_keys.shape[1]
+    out = x.new_empty(B, Tt, C)
+    attn = x.new_empty(B, Tt, Ts) if need_weights else x.new_empty(0)
+    stats = dict(device=x.device, dtype=torch.float32)
+    return (out, attn, x.new_empty(B, Tt, E), x.new_empty(B, Tt, E), torch.empty(B, Tt, **stats),
+            torch.empty(B, **stats))
+
+
+@torch.library.custom_op("convs2s::conv_attention_triton_bwd", mutates_args=())
+def _bwd(dout: Tensor, dattn: Optional[Tensor], x: Tensor, encoder_keys: Tensor, encoder_values: Tensor,
+         src_padding_mask: Optional[Tensor], w_in: Tensor, w_out: Tensor, ctx: Tensor, q0: Tensor, lse: Tensor,
+         root_s: Tensor, attn: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                          Tensor]:
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        dx, dq0, dk, dv, dw_in, db_in, dw_out, db_out = _k.conv_attention_backward(
+            dout, dattn, x, encoder_keys, encoder_values, src_padding_mask, w_in, w_out, ctx, q0, lse, root_s,
+            attn)
+    return dx, dq0, dk, dv, dw_in, db_in, dw_out, db_out
+
+
+@_bwd.register_fake
+def _(dout, dattn, x, encoder_keys, encoder_values, src_padding_mask, w_in, w_out, ctx, q0, lse, root_s, attn):
+    B, Ts, E = encoder_keys.shape
+    return (x.new_empty(x.shape), q0.new_empty(q0.shape), q0.new_empty(B, Ts, E), q0.new_empty(B, Ts, E),
+            w_in.new_empty(w_in.shape), w_in.new_empty(w_in.shape[0]), w_out.new_empty(w_out.shape),
+            w_out.new_empty(w_out.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, _, encoder_keys, encoder_values, src_padding_mask, w_in, _, w_out, _, need_weights = inputs
+    _, attn, ctx_, q0, lse, root_s = output
+    ctx.need_weights = need_weights
+    ctx.save_for_backward(x, encoder_keys, encoder_values, src_padding_mask, w_in, w_out, ctx_, q0, lse, root_s,
+                          attn if need_weights else None)
+    ctx.mark_non_differentiable(ctx_, q0, lse, root_s)
+    if not need_weights:
+        ctx.mark_non_differentiable(attn)
+    # Unused outputs get None rather than a zero tensor (a (B, Tt, Ts) zero gradient for unused weights).
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dattn, *_unused):
+    x, encoder_keys, encoder_values, src_padding_mask, w_in, w_out, ctx_, q0, lse, root_s, attn = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros(x.shape, device=x.device, dtype=x.dtype)
+    if not ctx.need_weights:
+        dattn = None
+    dx, dq0, dk, dv, dw_in, db_in, dw_out, db_out = _bwd(
+        dout, dattn, x, encoder_keys, encoder_values, src_padding_mask, w_in, w_out, ctx_, q0, lse, root_s, attn)
+    # dL/dtarget_embedding is dL/dq0 itself (q0 = x @ w_in.T + b_in + target_embedding).
+    return dx, dq0, dk, dv, None, dw_in, db_in, dw_out, db_out, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register("conv_attention", "triton")
+def conv_attention_triton(x, target_embedding, encoder_keys, encoder_values, src_padding_mask, w_in, b_in, w_out,
+                          b_out, need_weights):
+    out, attn, *_ = _fwd(x, target_embedding, encoder_keys, encoder_values, src_padding_mask, w_in, b_in, w_out,
+                         b_out, need_weights)
+    return out, (attn if need_weights else None)

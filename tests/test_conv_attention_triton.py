@@ -1,0 +1,264 @@
+"""conv_attention, Triton backend: outputs, attention weights and the gradient of every input against an fp64
+reference, under the 2x-low-precision-reference rule (tests/tolerance.py), plus mask edge cases, strides,
+opcheck and torch.compile.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py) in fp32 and fp16 with small tiles
+(kernels/conv_attention.py INTERPRET_CONFIG: 16-wide, so the shapes below span several target tiles, source
+tiles and E-chunks, with ragged last tiles). bf16 runs on the GPU only: the interpreter's bf16 tl.dot is broken.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from convs2s.ops import available_backends, conv_attention, conv_attention_ref
+from tests.tolerance import assert_close_rule
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(available_backends(DEVICE)["triton"] is not None,
+                                reason=f"triton backend unavailable: {available_backends(DEVICE)['triton']}")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+INPUTS = ("x", "target_embedding", "encoder_keys", "encoder_values", "w_in", "b_in", "w_out", "b_out")
+
+
+def mask_from(Ts: int, spans) -> torch.Tensor | None:
+    """(B, Ts) bool, True = padding, from one (first real, last real + 1) span per sentence; None: no mask."""
+    if spans is None:
+        return None
+    pos = torch.arange(Ts)[None, :]
+    lo = torch.tensor([s[0] for s in spans])[:, None]
+    hi = torch.tensor([s[1] for s in spans])[:, None]
+    return (pos < lo) | (pos >= hi)
+
+
+def make_inputs(B, Tt, Ts, C, E, mask):
+    """fp64 leaf tensors on CPU in the contract's order (the mask is not a leaf). Keys are scaled so that
+    scores have a spread of a few units: a softmax that is neither uniform nor one-hot."""
+    t = {
+        "x": torch.randn(B, Tt, C, dtype=torch.float64),
+        "target_embedding": torch.randn(B, Tt, E, dtype=torch.float64),
+        "encoder_keys": torch.randn(B, Ts, E, dtype=torch.float64) / E ** 0.25,
+        "encoder_values": torch.randn(B, Ts, E, dtype=torch.float64),
+        "w_in": torch.randn(E, C, dtype=torch.float64) / math.sqrt(C),
+        "b_in": torch.randn(E, dtype=torch.float64),
+        "w_out": torch.randn(C, E, dtype=torch.float64) / math.sqrt(E),
+        "b_out": torch.randn(C, dtype=torch.float64),
+    }
+    return t, mask
+
+
+def _args(t, mask):
+    return (t["x"], t["target_embedding"], t["encoder_keys"], t["encoder_values"], mask, t["w_in"], t["b_in"],
+            t["w_out"], t["b_out"])
+
+
+def run(fn, t, mask, need_weights, gout, gattn, dtype, device, **kw):
+    """(out, attn, {input: grad}) of fn on copies of t in `dtype` on `device`; loss = <out, gout> (+ <attn, gattn>)."""
+    leaves = {n: v.detach().to(device, dtype).requires_grad_() for n, v in t.items()}
+    m = None if mask is None else mask.to(device)
+    out, attn = fn(*_args(leaves, m), need_weights=need_weights, **kw)
+    loss = (out.double() * gout.to(device)).sum()
+    if gattn is not None:
+        loss = loss + (attn.double() * gattn.to(device)).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return out, attn, dict(zip(leaves, grads))
+
+
+def check_against_reference(t, mask, dtype, need_weights=True, attn_in_loss=True, device=DEVICE):
+    """The fused op vs fp64 reference, with the same-dtype PyTorch reference setting the tolerance."""
+    B, Tt, _ = t["x"].shape
+    gout = torch.randn(B, Tt, t["x"].shape[2], dtype=torch.float64)
+    gattn = torch.randn(B, Tt, t["encoder_keys"].shape[1], dtype=torch.float64) if attn_in_loss else None
+    o64, a64, g64 = run(conv_attention_ref, t, mask, True, gout, gattn, torch.float64, "cpu")
+    ol, al, gl = run(conv_attention_ref, t, mask, True, gout, gattn, dtype, device)
+    of, af, gf = run(conv_attention, t, mask, need_weights, gout, gattn, dtype, device,
+                     backend="triton")
+    assert of.dtype == dtype and of.device.type == device.type
+    assert_close_rule("out", of, ol, o64, dtype)
+    if need_weights:
+        assert af.dtype == dtype
+        assert_close_rule("attn", af, al, a64, dtype)
+    else:
+        assert af is None
+    for name in INPUTS:
+        assert gf[name].shape == t[name].shape
+        assert_close_rule("d" + name, gf[name], gl[name], g64[name], dtype)
+    if mask is not None:
+        # Padded source positions: exactly zero probability, exactly zero key/value gradient.
+        pad = mask.to(device)
+        if need_weights:
+            assert torch.all(af.masked_select(pad[:, None, :]) == 0)
+        assert torch.all(gf["encoder_keys"][pad] == 0)
+        assert torch.all(gf["encoder_values"][pad] == 0)
+
+
+# (B, Tt, Ts, C, E, spans, need_weights, attn_in_loss); spans: each sentence's real source positions [lo, hi).
+CASES = {
+    "tiles_and_lengths": (3, 37, 29, 24, 40, [(0, 29), (0, 17), (0, 5)], True, True),
+    "left_and_inner_padding": (2, 20, 23, 16, 24, [(7, 23), (3, 9)], True, False),
+    "one_real_token": (2, 9, 18, 16, 20, [(0, 18), (10, 11)], False, False),
+    "Ts_1": (2, 17, 1, 16, 24, None, True, True),
+    "Tt_1": (3, 1, 19, 16, 24, [(0, 19), (0, 4), (8, 19)], False, False),
+    "no_mask_odd_E": (2, 18, 33, 20, 17, None, False, False),
+    "longest_sentence_padded_too": (2, 16, 21, 16, 16, [(0, 15), (2, 11)], True, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, dtype):
+    B, Tt, Ts, C, E, spans, need_weights, attn_in_loss = CASES[case]
+    t, mask = make_inputs(B, Tt, Ts, C, E, mask_from(Ts, spans))
+    check_against_reference(t, mask, dtype, need_weights, attn_in_loss)
+
+
+@st.composite
+def shapes(draw):
+    B = draw(st.integers(1, 3))
+    Tt, Ts = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    C, E = draw(st.integers(1, 40)), draw(st.integers(1, 48))
+    spans = []
+    for _ in range(B):
+        n = draw(st.integers(1, Ts))
+        lo = draw(st.integers(0, Ts - n))
+        spans.append((lo, lo + n))
+    use_mask = draw(st.booleans())
+    return B, Tt, Ts, C, E, (spans if use_mask else None), draw(st.booleans())
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=shapes())
+def test_hypothesis_shapes(shape):
+    B, Tt, Ts, C, E, spans, need_weights = shape
+    t, mask = make_inputs(B, Tt, Ts, C, E, mask_from(Ts, spans))
+    check_against_reference(t, mask, torch.float32, need_weights, attn_in_loss=need_weights)
+
+
+def test_non_contiguous_inputs():
+    """Every input a strided view: every other channel of a wider buffer, a transposed (B, E, Ts) storage for the
+    keys, transposed weight storage, every other column of a wider mask."""
+    B, Tt, Ts, C, E = 2, 19, 22, 12, 20
+    t, mask = make_inputs(B, Tt, Ts, C, E, mask_from(Ts, [(0, 22), (5, 14)]))
+    dtype = torch.float32
+    wide_mask = torch.zeros(B, 2 * Ts, dtype=torch.bool)
+    wide_mask[:, ::2] = mask
+    strided_mask = wide_mask[:, ::2]
+
+    def widen(v):                                           # same values, last dimension strided by 2
+        buf = torch.zeros(*v.shape[:-1], 2 * v.shape[-1], dtype=v.dtype)
+        buf[..., ::2] = v
+        return buf[..., ::2]
+
+    fused_t = {
+        "x": widen(t["x"]),
+        "target_embedding": widen(t["target_embedding"]),
+        "encoder_keys": t["encoder_keys"].transpose(1, 2).contiguous().transpose(1, 2),
+        "encoder_values": widen(t["encoder_values"]),
+        "w_in": t["w_in"].t().contiguous().t(),
+        "b_in": widen(t["b_in"]),
+        "w_out": t["w_out"].t().contiguous().t(),
+        "b_out": t["b_out"],
+    }
+    gout = torch.randn(B, Tt, C, dtype=torch.float64)
+    o64, a64, g64 = run(conv_attention_ref, t, mask, True, gout, None, torch.float64, "cpu")
+    ol, al, gl = run(conv_attention_ref, t, mask, True, gout, None, dtype, DEVICE)
+    leaves = {}
+    for n, v in fused_t.items():                            # same strides in the test dtype, on the device
+        leaves[n] = torch.empty_strided(v.shape, v.stride(), dtype=dtype, device=DEVICE).copy_(v).requires_grad_()
+    assert not any(v.is_contiguous() for n, v in leaves.items() if n != "b_out")
+    assert not strided_mask.is_contiguous()
+    out, attn = conv_attention(*_args(leaves, strided_mask.to(DEVICE)), need_weights=True, backend="triton")
+    grads = torch.autograd.grad((out.double() * gout.to(DEVICE)).sum(), list(leaves.values()))
+    assert_close_rule("out", out, ol, o64, dtype)
+    assert_close_rule("attn", attn, al, a64, dtype)
+    for name, g in zip(leaves, grads):
+        assert_close_rule("d" + name, g, gl[name], g64[name], dtype)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="INTERPRET_CONFIG is used only under the interpreter")
+def test_other_tile_config(monkeypatch):
+    """Tiles of different widths per dimension (the GPU configs are never the interpreter's 16s)."""
+    from convs2s.kernels import conv_attention as k
+    monkeypatch.setattr(k, "INTERPRET_CONFIG", {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_EK": 32, "BLOCK_EO": 64,
+                                                "num_warps": 4, "num_stages": 1})
+    t, mask = make_inputs(2, 35, 40, 16, 70, mask_from(40, [(0, 40), (4, 31)]))
+    check_against_reference(t, mask, torch.float32, need_weights=True, attn_in_loss=True)
+
+
+def test_backward_is_deterministic():
+    t, mask = make_inputs(2, 21, 34, 16, 24, mask_from(34, [(0, 34), (0, 9)]))
+    gout = torch.randn(2, 21, 16, dtype=torch.float64)
+    _, _, g1 = run(conv_attention, t, mask, False, gout, None, torch.float32, DEVICE, backend="triton")
+    _, _, g2 = run(conv_attention, t, mask, False, gout, None, torch.float32, DEVICE, backend="triton")
+    for name in INPUTS:
+        assert torch.equal(g1[name], g2[name]), name
+
+
+def test_weights_requested_but_unused_in_loss():
+    """need_weights=True with a loss on `out` only: the weights' gradient is None, not a zero tensor."""
+    t, mask = make_inputs(2, 10, 12, 8, 16, mask_from(12, [(0, 12), (2, 7)]))
+    check_against_reference(t, mask, torch.float32, need_weights=True, attn_in_loss=False)
+
+
+def _op_args(requires_grad=True, dtype=torch.float32):
+    t, mask = make_inputs(2, 5, 7, 8, 16, mask_from(7, [(0, 7), (1, 4)]))
+    leaves = {n: v.to(DEVICE, dtype).requires_grad_(requires_grad) for n, v in t.items()}
+    return _args(leaves, mask.to(DEVICE))
+
+
+def test_opcheck_forward():
+    args = _op_args()
+    for need_weights in (False, True):
+        torch.library.opcheck(torch.ops.convs2s.conv_attention_triton_fwd.default, (*args, need_weights))
+
+
+def test_opcheck_backward():
+    x, te, k, v, mask, w_in, b_in, w_out, b_out = _op_args(requires_grad=False)
+    out, attn, ctx, q0, lse, root_s = torch.ops.convs2s.conv_attention_triton_fwd(
+        x, te, k, v, mask, w_in, b_in, w_out, b_out, True)
+    dout, dattn = torch.randn_like(out), torch.randn_like(attn)
+    torch.library.opcheck(torch.ops.convs2s.conv_attention_triton_bwd.default,
+                          (dout, dattn, x, k, v, mask, w_in, w_out, ctx, q0, lse, root_s, attn))
+    torch.library.opcheck(torch.ops.convs2s.conv_attention_triton_bwd.default,
+                          (dout, None, x, k, v, None, w_in, w_out, ctx, q0, lse, root_s, None))
+
+
+def test_torch_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces the public op down to the custom op (aot_eager on CPU: the fake
+    implementations, the autograd registration and the backward op are what is exercised)."""
+    args = _op_args()
+
+    def f(*a):
+        out, attn = conv_attention(*a, need_weights=True, backend="triton")
+        return out.sum() + (attn * attn).sum()
+
+    backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    leaves = [a for a in args if a is not None and a.requires_grad]
+    want = torch.autograd.grad(f(*args), leaves)
+    got = torch.autograd.grad(compiled(*args), leaves)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+# GPU: the sizes the model runs (E = 256..768, C = 512, lengths up to 1024+), bf16 included.
+CUDA_CASES = [
+    (2, 1, 1, 32, 256, None),
+    (3, 129, 151, 64, 300, [(0, 151), (9, 150), (0, 1)]),
+    (2, 256, 1030, 512, 768, [(0, 1030), (0, 700)]),
+    (4, 1024, 37, 128, 512, [(0, 37), (5, 20), (0, 36), (36, 37)]),
+    (8, 33, 64, 512, 256, [(0, 64 - i) for i in range(8)]),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_cuda_matches_reference(case, dtype):
+    B, Tt, Ts, C, E, spans = case
+    t, mask = make_inputs(B, Tt, Ts, C, E, mask_from(Ts, spans))
+    check_against_reference(t, mask, dtype, need_weights=True, attn_in_loss=True, device=torch.device("cuda"))

@@ -11,6 +11,7 @@ TORCH ?= torch==2.14.1
 # Multi30k: ../shared/data/multi30k when present (this project's machines), else CONVS2S_DATA or the download cache.
 DATA ?= $(if $(wildcard ../shared/data/multi30k/train.de.gz),../shared/data/multi30k,)
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: all install deps test train bench clean
 
@@ -41,7 +42,7 @@ train: install
 	$(PY) -m convs2s train-multi30k $(if $(DATA),--data $(DATA),)
 
 bench: install
-	$(PY) -m convs2s bench
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info convs2s/_C*.so

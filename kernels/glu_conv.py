@@ -79,7 +79,7 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 @triton.autotune(
     configs=_configs([(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 32, 4, 5),
-                      (256, 64, 64, 8, 3)], (32, 32, 32)),
+                      (256, 64, 64, 8, 3)], (64, 64, 64)),
     key=["C_in", "C_out", "KSIZE", "M_BUCKET", "STORE_Y", "STORE_H"],
 )
 @triton.jit
@@ -202,7 +202,7 @@ def _glu_bwd_kernel(
 
 @triton.autotune(
     configs=_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-                      (64, 64, 64, 4, 4)], (32, 32, 32)),
+                      (64, 64, 64, 4, 4)], (64, 64, 64)),
     key=["C_in", "C_out", "KSIZE", "M_BUCKET"],
 )
 @triton.jit
@@ -252,7 +252,7 @@ def _dx_kernel(
 
 @triton.autotune(
     configs=_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-                      (128, 128, 32, 4, 4)], (32, 32, 32)),
+                      (128, 128, 32, 4, 4)], (64, 64, 64)),
     key=["C_in", "C_out", "KSIZE", "M_BUCKET", "ROWS_PER_SPLIT"],
 )
 @triton.jit
@@ -369,8 +369,8 @@ def _dw_split(M: int, C_in: int, C_out: int, k: int, device) -> int:
     min_rows = 512 if device.type == "cuda" else 32     # small in the interpreter, so CPU tests run split > 1
     tiles = triton.cdiv(C_in, 128) * triton.cdiv(2 * C_out, 128) * k
     split = max(1, min(triton.cdiv(2 * n_sm, tiles), triton.cdiv(M, min_rows)))
-    rows = triton.cdiv(M, split)
-    return triton.cdiv(rows, 128) * 128                 # a multiple of every BLOCK_K, so splits align to blocks
+    granule = 64 if INTERPRET else 128                  # a multiple of every config's BLOCK_K: splits align to blocks
+    return triton.cdiv(triton.cdiv(M, split), granule) * granule
 
 
 def glu_conv_bwd(dy, x, weight, bias, h, has_residual: bool, causal: bool, *, need_dx: bool = True,

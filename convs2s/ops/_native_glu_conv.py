@@ -1,0 +1,64 @@
+"""glu_conv on the native backend: the compiled extension's ops (csrc/glu_conv*.{cpp,cu}) bound to autograd.
+
+    torch.ops.convs2s.glu_conv_native_fwd(x, weight, bias, residual, causal) -> (y, h)
+        y (B, T, C_out); h (B*(T+k-1) - (k-1), 2*C_out): conv(x) without the bias in the extension's padded-flat
+        row layout (row b*(T+k-1) + t is step t of sentence b), saved for the backward
+    torch.ops.convs2s.glu_conv_native_bwd(grad_y, x, weight, bias, h, has_residual, causal, output_mask)
+        -> (grad_x, grad_weight, grad_bias, grad_residual); a gradient that output_mask (x, weight, bias, residual)
+        does not ask for, or that has no input (bias None, no residual), is an empty (0,) tensor
+
+The ops are defined in C++ (TORCH_LIBRARY); this module adds their fake (meta) implementations, so that
+torch.compile(fullgraph=True) traces them, and the forward op's autograd formula.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import convs2s._C  # noqa: F401  (loading the extension registers torch.ops.convs2s.*)
+
+from ._backend import register
+
+
+@torch.library.register_fake("convs2s::glu_conv_native_fwd")
+def _fwd_fake(x, weight, bias, residual, causal):
+    B, T, _ = x.shape
+    k, _, c2 = weight.shape
+    return x.new_empty(B, T, c2 // 2), x.new_empty(B * (T + k - 1) - (k - 1), c2)
+
+
+@torch.library.register_fake("convs2s::glu_conv_native_bwd")
+def _bwd_fake(grad_y, x, weight, bias, h, has_residual, causal, output_mask):
+    def maybe(wanted, shape):  # a distinct empty tensor each time: fake outputs must not alias
+        return x.new_empty(shape if wanted else (0,))
+    return (maybe(output_mask[0], x.shape), maybe(output_mask[1], weight.shape),
+            maybe(bias is not None and output_mask[2], (weight.shape[2],)),
+            maybe(has_residual and output_mask[3], grad_y.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, causal = inputs
+    _, h = output
+    ctx.mark_non_differentiable(h)
+    ctx.save_for_backward(x, weight, bias, h)
+    ctx.has_residual = residual is not None
+    ctx.causal = causal
+
+
+def _backward(ctx, grad_y, _grad_h):
+    x, weight, bias, h = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], bias is not None and need[2], ctx.has_residual and need[3]]
+    grad_x, grad_w, grad_b, grad_res = torch.ops.convs2s.glu_conv_native_bwd(
+        grad_y, x, weight, bias, h, ctx.has_residual, ctx.causal, mask)
+    return (grad_x if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None,
+            grad_res if mask[3] else None, None)
+
+
+torch.library.register_autograd("convs2s::glu_conv_native_fwd", _backward, setup_context=_setup_context)
+
+
+@register("glu_conv", "native")
+def _glu_conv_native(x, weight, bias, residual, causal):
+    y, _ = torch.ops.convs2s.glu_conv_native_fwd(x, weight, bias, residual, causal)
+    return y

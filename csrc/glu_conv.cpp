@@ -1,0 +1,224 @@
+// glu_conv: op schemas (TORCH_LIBRARY), argument checks, the per-tap GEMMs (ATen), and dispatch of the fused
+// elementwise kernels (glu_conv_cpu.cpp, glu_conv_cuda.cu) by device and dtype.
+//
+// The convolution as k GEMMs without an im2col copy: x is zero-padded to L = T + k - 1 steps and flattened to
+// xf (B*L, C_in) rows. Then h_flat[r] = sum_j xf[r + j] @ W[j] for r in [0, N), N = B*L - (k-1): tap j is one GEMM
+// on the contiguous row range xf[j : j + N], for all sentences at once, accumulated in place (beta = 1). Row
+// r = b*L + t is output step t of sentence b for t < T; the (k-1) rows per sentence with t >= T straddle two
+// sentences and are wasted work ((k-1)/L of it: 3% at T=64, k=3). The backward reuses the layout: with zero
+// gradient on those rows, dW[j] = xf[j : j + N]^T @ dh and dxf[j : j + N] += dh @ W[j]^T, one GEMM per tap each.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "glu_conv.h"
+
+#ifdef CONVS2S_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace convs2s {
+namespace {
+
+constexpr double kSqrtHalf = 0.70710678118654752440;
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.dim() == 3, "glu_conv: x must be (B, T, C_in), got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 3, "glu_conv: weight must be (k, C_in, 2*C_out), got shape ", weight.sizes());
+  TORCH_CHECK(x.is_floating_point(), "glu_conv: x must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "glu_conv: weight has dtype ", weight.scalar_type(),
+              " but x has dtype ", x.scalar_type(), "; all inputs must share one dtype");
+  TORCH_CHECK(weight.device() == x.device(), "glu_conv: weight is on ", weight.device(), " but x is on ",
+              x.device(), "; all inputs must share one device");
+  TORCH_CHECK(x.size(1) >= 1, "glu_conv: x must have at least one time step, got shape ", x.sizes());
+  TORCH_CHECK(weight.size(0) >= 1, "glu_conv: weight must have kernel width k >= 1, got shape ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == x.size(2), "glu_conv: weight has C_in = ", weight.size(1),
+              " (dim 1 of (k, C_in, 2*C_out)) but x has C_in = ", x.size(2), " (dim 2 of (B, T, C_in))");
+  TORCH_CHECK(weight.size(2) > 0 && weight.size(2) % 2 == 0,
+              "glu_conv: weight's last dimension must be 2*C_out (even, > 0) for the GLU, got ", weight.size(2));
+  const int64_t c_out = weight.size(2) / 2;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(2), "glu_conv: bias must be (2*C_out,) = (",
+                weight.size(2), ",), got shape ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
+                "glu_conv: bias must have x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
+                bias->scalar_type(), ", ", bias->device());
+  }
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->dim() == 3 && residual->size(0) == x.size(0) && residual->size(1) == x.size(1) &&
+                    residual->size(2) == c_out,
+                "glu_conv: residual must be (B, T, C_out) = (", x.size(0), ", ", x.size(1), ", ", c_out,
+                "), got shape ", residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->device() == x.device(),
+                "glu_conv: residual must have x's dtype and device (", x.scalar_type(), ", ", x.device(),
+                "), got ", residual->scalar_type(), ", ", residual->device());
+  }
+}
+
+int64_t pad_left(int64_t k, bool causal) { return causal ? k - 1 : (k - 1) / 2; }
+
+// x (B, T, C_in) -> xf (B*L, C_in) contiguous, zero-padded along T (see the top of this file).
+at::Tensor padded_flat(const at::Tensor& x, int64_t k, bool causal) {
+  const int64_t pl = pad_left(k, causal);
+  at::Tensor xp = k == 1 ? x.contiguous() : at::constant_pad_nd(x, {0, 0, pl, k - 1 - pl}, 0).contiguous();
+  return xp.view({x.size(0) * (x.size(1) + k - 1), x.size(2)});
+}
+
+GluConvSizes sizes_of(const at::Tensor& x, const at::Tensor& weight, bool has_residual) {
+  const int64_t k = weight.size(0);
+  return GluConvSizes{x.size(0), x.size(1), x.size(1) + k - 1, weight.size(2) / 2,
+                      has_residual ? kSqrtHalf : 1.0};
+}
+
+#ifdef CONVS2S_WITH_CUDA
+const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+int cuda_dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kDouble: return 1;
+    case at::kHalf: return 2;
+    case at::kBFloat16: return 3;
+    default: TORCH_CHECK(false, "glu_conv: unsupported dtype ", t, " (float, double, half, bfloat16 only)");
+  }
+}
+#endif
+
+void epilogue(const at::Tensor& h, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& res,
+              at::Tensor& y, const GluConvSizes& s) {
+  if (y.is_cuda()) {
+#ifdef CONVS2S_WITH_CUDA
+    glu_conv_epilogue_cuda(cuda_dtype_code(y.scalar_type()), h.data_ptr(), ptr_or_null(bias), ptr_or_null(res),
+                           y.data_ptr(), s, c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+#else
+    TORCH_CHECK(false, "glu_conv: the extension was built without CUDA kernels");
+#endif
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "glu_conv_epilogue", [&] {
+    glu_conv_epilogue_cpu<scalar_t>(h.const_data_ptr<scalar_t>(),
+                                    bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr,
+                                    res.has_value() ? res->const_data_ptr<scalar_t>() : nullptr,
+                                    y.mutable_data_ptr<scalar_t>(), s);
+  });
+}
+
+void prologue(const at::Tensor& grad_y, const at::Tensor& h, const std::optional<at::Tensor>& bias, at::Tensor& dh,
+              at::Tensor& grad_res, const GluConvSizes& s) {
+  void* dres = grad_res.numel() > 0 ? grad_res.data_ptr() : nullptr;
+  if (dh.is_cuda()) {
+#ifdef CONVS2S_WITH_CUDA
+    glu_conv_prologue_cuda(cuda_dtype_code(dh.scalar_type()), grad_y.data_ptr(), h.data_ptr(), ptr_or_null(bias),
+                           dh.data_ptr(), dres, s, c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+#else
+    TORCH_CHECK(false, "glu_conv: the extension was built without CUDA kernels");
+#endif
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dh.scalar_type(), "glu_conv_prologue", [&] {
+    glu_conv_prologue_cpu<scalar_t>(grad_y.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
+                                    bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr,
+                                    dh.mutable_data_ptr<scalar_t>(), static_cast<scalar_t*>(dres), s);
+  });
+}
+
+// Forward: (y (B, T, C_out), h_flat (B*L - (k-1), 2*C_out) = conv(x) without bias, saved for the backward).
+std::tuple<at::Tensor, at::Tensor> glu_conv_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                const std::optional<at::Tensor>& residual, bool causal) {
+  check_inputs(x, weight, bias, residual);
+  const at::OptionalDeviceGuard guard(x.device());
+  const int64_t k = weight.size(0);
+  const GluConvSizes s = sizes_of(x, weight, residual.has_value());
+  const int64_t rows = s.B * s.L - (k - 1);
+  const at::Tensor xf = padded_flat(x, k, causal);
+  const at::Tensor w = weight.contiguous();
+  at::Tensor h = at::mm(xf.narrow(0, 0, rows), w[0]);                 // (rows, 2*C_out)
+  for (int64_t j = 1; j < k; ++j) h.addmm_(xf.narrow(0, j, rows), w[j]);
+  std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  std::optional<at::Tensor> res =
+      residual.has_value() ? std::optional<at::Tensor>(residual->contiguous()) : std::nullopt;
+  at::Tensor y = at::empty({s.B, s.T, s.C_out}, x.options());
+  epilogue(h, b, res, y, s);
+  return {y, h};
+}
+
+// Backward: (grad_x, grad_weight, grad_bias, grad_residual); a gradient not asked for by output_mask
+// (x, weight, bias, residual) is returned as an empty (0,) tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> glu_conv_bwd(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& h, bool has_residual, bool causal, std::array<bool, 4> output_mask) {
+  check_inputs(x, weight, bias, std::nullopt);
+  const at::OptionalDeviceGuard guard(x.device());
+  const int64_t k = weight.size(0);
+  const GluConvSizes s = sizes_of(x, weight, has_residual);
+  const int64_t rows = s.B * s.L - (k - 1);
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({s.B, s.T, s.C_out}) && grad_y.scalar_type() == x.scalar_type() &&
+                  grad_y.device() == x.device(),
+              "glu_conv backward: grad_y must be (B, T, C_out) = (", s.B, ", ", s.T, ", ", s.C_out, ") with x's ",
+              "dtype and device, got ", grad_y.sizes(), " ", grad_y.scalar_type(), " on ", grad_y.device());
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == rows && h.size(1) == 2 * s.C_out && h.is_contiguous() &&
+                  h.scalar_type() == x.scalar_type() && h.device() == x.device(),
+              "glu_conv backward: h must be the contiguous (B*(T+k-1) - (k-1), 2*C_out) = (", rows, ", ",
+              2 * s.C_out, ") tensor saved by the forward, got ", h.sizes());
+  const auto empty = [&] { return at::empty({0}, x.options()); };
+  std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  at::Tensor dy = grad_y.contiguous();
+  at::Tensor dh = at::empty({rows, 2 * s.C_out}, x.options());
+  at::Tensor grad_res = has_residual && output_mask[3] ? at::empty({s.B, s.T, s.C_out}, x.options()) : empty();
+  prologue(dy, h, b, dh, grad_res, s);
+
+  const at::Tensor w = weight.contiguous();
+  at::Tensor grad_x = empty(), grad_w = empty(), grad_b = empty();
+  if (output_mask[0]) {
+    at::Tensor dxf = at::empty({s.B * s.L, x.size(2)}, x.options());
+    at::Tensor rows_0 = dxf.narrow(0, 0, rows);
+    at::mm_out(rows_0, dh, w[0].t());
+    dxf.narrow(0, rows, k - 1).zero_();
+    for (int64_t j = 1; j < k; ++j) {
+      at::Tensor rows_j = dxf.narrow(0, j, rows);
+      rows_j.addmm_(dh, w[j].t());
+    }
+    grad_x = dxf.view({s.B, s.L, x.size(2)}).narrow(1, pad_left(k, causal), s.T).contiguous();
+  }
+  if (output_mask[1]) {
+    const at::Tensor xf = padded_flat(x, k, causal);
+    grad_w = at::empty_like(w);
+    for (int64_t j = 0; j < k; ++j) {
+      at::Tensor grad_w_j = grad_w[j];
+      at::mm_out(grad_w_j, xf.narrow(0, j, rows).t(), dh);
+    }
+  }
+  if (bias.has_value() && output_mask[2]) grad_b = dh.sum(0);
+  return {grad_x, grad_w, grad_b, grad_res};
+}
+
+}  // namespace
+}  // namespace convs2s
+
+TORCH_LIBRARY(convs2s, m) {
+  m.def("glu_conv_native_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool causal) "
+        "-> (Tensor y, Tensor h)");
+  m.def("glu_conv_native_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor h, bool has_residual, "
+        "bool causal, bool[4] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
+        "Tensor grad_residual)");
+}
+
+TORCH_LIBRARY_IMPL(convs2s, CPU, m) {
+  m.impl("glu_conv_native_fwd", &convs2s::glu_conv_fwd);
+  m.impl("glu_conv_native_bwd", &convs2s::glu_conv_bwd);
+}
+
+#ifdef CONVS2S_WITH_CUDA
+TORCH_LIBRARY_IMPL(convs2s, CUDA, m) {
+  m.impl("glu_conv_native_fwd", &convs2s::glu_conv_fwd);
+  m.impl("glu_conv_native_bwd", &convs2s::glu_conv_bwd);
+}
+#endif

@@ -1,0 +1,111 @@
+// CPU kernels of glu_conv: the fused GLU epilogue and the fused GLU-gradient prologue (see glu_conv.h for the
+// layout). Rows are split across threads with at::parallel_for; within a row the loops over channels vectorize.
+#include "glu_conv.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "cpu_math.h"
+
+namespace convs2s {
+namespace {
+
+// Rows per task: about 32K elements, enough to amortize a task's start-up.
+int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_elems)); }
+
+template <typename scalar_t, bool HAS_BIAS, bool HAS_RES>
+void epilogue_rows(const scalar_t* h, const scalar_t* bias, const scalar_t* residual, scalar_t* y,
+                   const GluConvSizes& s) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t C = s.C_out;
+  const acc_t scale = static_cast<acc_t>(s.scale);
+  at::parallel_for(0, s.B * s.T, grain_rows(3 * C), [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b = bt / s.T, t = bt % s.T;
+      const scalar_t* h_lin = h + (b * s.L + t) * 2 * C;   // the GLU's linear half
+      const scalar_t* h_gate = h_lin + C;                   // and its gate half
+      const scalar_t* res = HAS_RES ? residual + bt * C : nullptr;
+      scalar_t* out = y + bt * C;
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t a = static_cast<acc_t>(h_lin[c]);
+        acc_t g = static_cast<acc_t>(h_gate[c]);
+        if (HAS_BIAS) {
+          a += static_cast<acc_t>(bias[c]);
+          g += static_cast<acc_t>(bias[C + c]);
+        }
+        acc_t v = a / (acc_t(1) + exp_fast(-g));
+        if (HAS_RES) v = (v + static_cast<acc_t>(res[c])) * scale;
+        out[c] = static_cast<scalar_t>(v);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, bool HAS_BIAS, bool HAS_RES>
+void prologue_rows(const scalar_t* grad_y, const scalar_t* h, const scalar_t* bias, scalar_t* dh,
+                   scalar_t* grad_residual, const GluConvSizes& s) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t C = s.C_out;
+  const int64_t rows = s.B * s.L - (s.L - s.T);
+  const acc_t scale = static_cast<acc_t>(s.scale);
+  at::parallel_for(0, rows, grain_rows(5 * C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / s.L, t = r % s.L;
+      scalar_t* d_lin = dh + r * 2 * C;
+      scalar_t* d_gate = d_lin + C;
+      if (t >= s.T) {  // a row that mixes two sentences: no output there, so no gradient
+        for (int64_t c = 0; c < 2 * C; ++c) d_lin[c] = scalar_t(0);
+        continue;
+      }
+      const scalar_t* h_lin = h + r * 2 * C;
+      const scalar_t* h_gate = h_lin + C;
+      const scalar_t* dy = grad_y + (b * s.T + t) * C;
+      scalar_t* dres = HAS_RES ? grad_residual + (b * s.T + t) * C : nullptr;
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t a = static_cast<acc_t>(h_lin[c]);
+        acc_t g = static_cast<acc_t>(h_gate[c]);
+        if (HAS_BIAS) {
+          a += static_cast<acc_t>(bias[c]);
+          g += static_cast<acc_t>(bias[C + c]);
+        }
+        const acc_t sig = acc_t(1) / (acc_t(1) + exp_fast(-g));
+        const acc_t d = static_cast<acc_t>(dy[c]) * scale;
+        d_lin[c] = static_cast<scalar_t>(d * sig);
+        d_gate[c] = static_cast<scalar_t>(d * a * sig * (acc_t(1) - sig));
+        if (HAS_RES) dres[c] = static_cast<scalar_t>(d);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void glu_conv_epilogue_cpu(const scalar_t* h, const scalar_t* bias, const scalar_t* residual, scalar_t* y,
+                           const GluConvSizes& s) {
+  if (bias && residual) epilogue_rows<scalar_t, true, true>(h, bias, residual, y, s);
+  else if (bias) epilogue_rows<scalar_t, true, false>(h, bias, residual, y, s);
+  else if (residual) epilogue_rows<scalar_t, false, true>(h, bias, residual, y, s);
+  else epilogue_rows<scalar_t, false, false>(h, bias, residual, y, s);
+}
+
+template <typename scalar_t>
+void glu_conv_prologue_cpu(const scalar_t* grad_y, const scalar_t* h, const scalar_t* bias, scalar_t* dh,
+                           scalar_t* grad_residual, const GluConvSizes& s) {
+  if (bias && grad_residual) prologue_rows<scalar_t, true, true>(grad_y, h, bias, dh, grad_residual, s);
+  else if (bias) prologue_rows<scalar_t, true, false>(grad_y, h, bias, dh, grad_residual, s);
+  else if (grad_residual) prologue_rows<scalar_t, false, true>(grad_y, h, bias, dh, grad_residual, s);
+  else prologue_rows<scalar_t, false, false>(grad_y, h, bias, dh, grad_residual, s);
+}
+
+#define CONVS2S_INSTANTIATE(T)                                                                              \
+  template void glu_conv_epilogue_cpu<T>(const T*, const T*, const T*, T*, const GluConvSizes&);             \
+  template void glu_conv_prologue_cpu<T>(const T*, const T*, const T*, T*, T*, const GluConvSizes&);
+CONVS2S_INSTANTIATE(float)
+CONVS2S_INSTANTIATE(double)
+CONVS2S_INSTANTIATE(c10::Half)
+CONVS2S_INSTANTIATE(c10::BFloat16)
+#undef CONVS2S_INSTANTIATE
+
+}  // namespace convs2s

@@ -123,9 +123,9 @@ def _search(model, src_tokens, src_lengths, K, max_len_a, max_len_b, max_len, mi
     B = src_tokens.shape[0]
     if src_lengths is None:
         src_lengths = src_tokens.ne(pad).sum(dim=1)
-    min_lens = torch.as_tensor(min_len, dtype=torch.long, device=device).expand(B)
-    max_lens = max_lengths(src_lengths.to(device), max_len_a, max_len_b, int(min_lens.max()),
-                           cfg.max_target_positions - 1, max_len)
+    limit = cfg.max_target_positions - 1                                        # decoder input = BOS + tokens
+    min_lens = torch.as_tensor(min_len, dtype=torch.long, device=device).expand(B).clamp(max=limit)
+    max_lens = max_lengths(src_lengths.to(device), max_len_a, max_len_b, 1, limit, max_len)
     max_lens = torch.maximum(max_lens, min_lens)
     max_lens_host = max_lens.tolist()
 

@@ -1,0 +1,309 @@
+"""Incremental decoding, beam search and attention plots.
+
+Incremental == full forward for every preset (fp64 to 1e-10, fp32 to 1e-5, sentences leaving the batch at
+different steps); the step's k = 1 formulation of the causal conv on every backend here; beam = 1 == greedy argmax
+of the full forward; a beam wide enough to hold every candidate == exhaustive search (every hypothesis and its
+score); scores agree with the model; n-best order, lengths, EOS; the plot writes a PNG.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convs2s.incremental import forward_step, freeze, init_state, reorder_state
+from convs2s.model import PRESETS, ConvS2S
+from convs2s.ops import _backend, glu_conv
+from convs2s.search import beam_search
+
+PAD, BOS, EOS = 1, 0, 2
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def model_for(preset, dtype, src_vocab=30, tgt_vocab=40, backend="reference", eos_bias=0.0, **overrides):
+    """A seeded random model; eos_bias raises EOS's logit so that some sentences end before their length limit."""
+    torch.manual_seed(0)
+    model = ConvS2S.from_preset(preset, src_vocab, tgt_vocab, backend=backend, **overrides).to(dtype).eval()
+    with torch.no_grad():
+        model.decoder.fc3.bias[EOS] += eos_bias
+    return model
+
+
+def source(lengths, vocab=30, width=None):
+    """Right-padded source ids + EOS (B, max(lengths)), real lengths `lengths` (EOS included)."""
+    width = max(lengths) if width is None else width
+    src = torch.full((len(lengths), width), PAD)
+    for b, n in enumerate(lengths):
+        src[b, :n - 1] = torch.randint(4, vocab, (n - 1,))
+        src[b, n - 1] = EOS
+    return src
+
+
+def step_through(model, src, tgt, lengths):
+    """Step the decoder over tgt (B, T) (BOS first), sentence b leaving the batch after lengths[b] inputs; the
+    surviving rows are reversed at every drop, to exercise the reorder. -> {b: (lengths[b], V) logits}."""
+    enc = model.encode(src)
+    state = init_state(model.decoder, enc)
+    rows = list(range(src.shape[0]))                              # state row -> sentence
+    out = {b: [] for b in rows}
+    for t in range(max(lengths)):
+        logits, _ = forward_step(model.decoder, tgt[rows, t], state)
+        for r, b in enumerate(rows):
+            out[b].append(logits[r])
+        keep = [r for r, b in enumerate(rows) if lengths[b] > t + 1][::-1]
+        if len(keep) < len(rows):
+            reorder_state(state, torch.tensor(keep, dtype=torch.long))
+            rows = [rows[r] for r in keep]
+    return {b: torch.stack(v) for b, v in out.items()}
+
+
+# fp64 where a preset is cheap enough; the big presets in fp32 with short inputs (CPU time).
+EXACTNESS = [("tiny", torch.float64), ("tiny", torch.float32), ("small", torch.float64),
+             ("fconv_iwslt_de_en", torch.float64), ("multi30k", torch.float64), ("multi30k", torch.float32),
+             ("fconv_wmt_en_de", torch.float32), ("fconv_wmt_en_fr", torch.float32)]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def test_exactness_grid_covers_every_preset():
+    assert {p for p, _ in EXACTNESS} == set(PRESETS)
+
+
+@pytest.mark.parametrize("preset,dtype", EXACTNESS, ids=[f"{p}-{str(d)[6:]}" for p, d in EXACTNESS])
+def test_incremental_equals_full_forward(preset, dtype):
+    model = model_for(preset, dtype)
+    src = source([7, 4, 5])
+    lengths = [5, 2, 4]                                           # sentences finish at different steps
+    tgt = torch.randint(4, 40, (3, 5))
+    tgt[:, 0] = BOS
+    with torch.no_grad():
+        full = model(src, None, tgt)                              # (3, 5, V); a row's prefix is all it sees
+        steps = step_through(model, src, tgt, lengths)
+    worst = 0.0
+    for b, n in enumerate(lengths):
+        worst = max(worst, (steps[b] - full[b, :n]).abs().max().item())
+    scale = full.abs().max().item()
+    print(f"{preset} {dtype}: max |step - full| = {worst:.3e}, max |logits| = {scale:.3e}")
+    assert worst <= TOL[dtype] * max(1.0, scale)
+
+
+def fused_backends():
+    out = []
+    for b in ("triton", "native"):
+        reason = _backend.why_not(b, "cpu")
+        if reason is None and (_backend._lookup("glu_conv", b) is None or _backend._lookup("conv_attention", b) is None):
+            reason = f"{b} does not implement both ops yet"
+        out.append(pytest.param(b, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fused_backends())
+@pytest.mark.parametrize("k,c_in,c_out,residual", [(3, 24, 16, True), (2, 16, 32, False), (1, 16, 16, True)])
+def test_step_formulation_is_the_causal_conv_last_step(backend, k, c_in, c_out, residual):
+    """glu_conv with k = 1 on the flattened window (B, 1, k*C_in) == the causal conv's last step on (B, k, C_in)."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    B = 5
+    window = torch.randn(B, k, c_in, dtype=dtype)
+    weight = torch.randn(k, c_in, 2 * c_out, dtype=dtype) / math.sqrt(k * c_in)
+    bias = torch.randn(2 * c_out, dtype=dtype)
+    res = torch.randn(B, 1, c_out, dtype=dtype) if residual else None
+    causal = glu_conv(window, weight, bias, None, causal=True, backend="reference")[:, -1:]
+    if res is not None:
+        causal = (causal + res) * math.sqrt(0.5)
+    step = glu_conv(window.reshape(B, 1, k * c_in), weight.reshape(1, k * c_in, 2 * c_out), bias, res,
+                    causal=True, backend=backend)
+    err = (step - causal).abs().max().item()
+    print(f"{backend} k={k}: max error {err:.3e}")
+    assert err <= TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_incremental_with_fused_backend(backend):
+    """The tiny preset stepped on a fused backend == the full forward on the reference backend (fp32)."""
+    ref = model_for("tiny", torch.float32)
+    fused = model_for("tiny", torch.float32, backend=backend)
+    src, lengths = source([6, 3]), [3, 2]
+    tgt = torch.randint(4, 40, (2, 3))
+    tgt[:, 0] = BOS
+    with torch.no_grad():
+        full = ref(src, None, tgt)
+        steps = step_through(fused, src, tgt, lengths)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(steps[b], full[b, :n], rtol=0, atol=1e-5)
+
+
+def greedy_by_full_forward(model, src, max_len):
+    """Independent greedy decoder: argmax of the full forward over the prefix, PAD/BOS banned, EOS banned at the
+    first step (min_len 1) and forced after max_len tokens. -> [(tokens, sum of log-probs)] per sentence."""
+    out = []
+    for b in range(src.shape[0]):
+        prefix, total = [BOS], 0.0
+        while True:
+            with torch.no_grad():
+                lp = F.log_softmax(model(src[b:b + 1], None, torch.tensor([prefix]))[0, -1], dim=-1)
+            lp[PAD] = lp[BOS] = -math.inf
+            if len(prefix) == 1:
+                lp[EOS] = -math.inf
+            tok = EOS if len(prefix) - 1 >= max_len[b] else int(lp.argmax())
+            prefix.append(tok)
+            total += lp[tok].item()
+            if tok == EOS:
+                break
+        out.append((prefix[1:], total))
+    return out
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_beam_1_is_greedy_argmax_of_full_forward(incremental):
+    model = model_for("tiny", torch.float64, tgt_vocab=12, eos_bias=0.1)
+    lengths = [7, 3, 5, 2]
+    src = source(lengths)
+    hyps = beam_search(model, src, beam=1, max_len_a=0.5, max_len_b=3, incremental=incremental)
+    expected = greedy_by_full_forward(model, src, [int(n * 0.5 + 3) for n in lengths])
+    assert any(len(t) - 1 < int(n * 0.5 + 3) for (t, _), n in zip(expected, lengths)), "no sentence chose EOS"
+    for (h,), (tokens, total) in zip(hyps, expected):
+        assert h.tokens.tolist() == tokens
+        assert h.score == pytest.approx(total / len(tokens), abs=1e-10)
+        assert h.positional_scores.sum().item() == pytest.approx(total, abs=1e-10)
+
+
+def sequence_log_probs(model, src_row, seqs):
+    """[sum of log p(seq | source)] under one full forward of the right-padded batch; each seq ends with EOS."""
+    T = max(map(len, seqs))
+    prefix = torch.full((len(seqs), T), PAD)
+    target = torch.full((len(seqs), T), PAD)
+    for i, s in enumerate(seqs):
+        prefix[i, :len(s)] = torch.tensor([BOS] + list(s[:-1]))
+        target[i, :len(s)] = torch.tensor(s)
+    with torch.no_grad():
+        lp = F.log_softmax(model(src_row.expand(len(seqs), -1), None, prefix), dim=-1)   # (N, T, V)
+    lp = lp.gather(2, target[:, :, None])[:, :, 0].masked_fill(target.eq(PAD), 0.0)
+    return lp.sum(dim=1).tolist()
+
+
+@pytest.mark.parametrize("len_penalty", [0.0, 1.0, 2.0])
+def test_wide_beam_equals_exhaustive_search(len_penalty):
+    """Target vocabulary {EOS, UNK, 4, 5} (PAD and BOS are never generated), at most 4 tokens before EOS: 120
+    sequences. A beam of 128 holds every candidate at every step, so its n-best list must be the exhaustive
+    ranking, scores included."""
+    model = model_for("tiny", torch.float64, tgt_vocab=6)
+    src = source([5])
+    max_len, words = 4, (3, 4, 5)
+    seqs = [list(p) + [EOS] for n in range(1, max_len + 1) for p in itertools.product(words, repeat=n)]
+    totals = sequence_log_probs(model, src[0], seqs)
+    scored = sorted(((t / len(s) ** len_penalty, s) for t, s in zip(totals, seqs)), reverse=True)
+    hyps = beam_search(model, src, beam=128, nbest=128, max_len=max_len, len_penalty=len_penalty)[0]
+    assert len(hyps) == len(seqs) == 120
+    assert [h.tokens.tolist() for h in hyps] == [s for _, s in scored]
+    assert [h.score for h in hyps] == pytest.approx([sc for sc, _ in scored], abs=1e-10)
+
+
+def test_scores_are_the_models_and_nbest_is_sorted():
+    model = model_for("tiny", torch.float64, tgt_vocab=12)
+    src = source([6, 3, 8])
+    max_len = 6
+    for lp in (1.0, 0.5):
+        hyps = beam_search(model, src, beam=5, nbest=5, max_len=max_len, len_penalty=lp)
+        for b, hs in enumerate(hyps):
+            assert len(hs) == 5
+            assert [h.score for h in hs] == sorted((h.score for h in hs), reverse=True)
+            totals = sequence_log_probs(model, src[b], [h.tokens.tolist() for h in hs])
+            for h, total in zip(hs, totals):
+                toks = h.tokens.tolist()
+                assert toks[-1] == EOS and EOS not in toks[:-1]
+                assert PAD not in toks and BOS not in toks
+                assert 2 <= len(toks) <= max_len + 1               # min_len 1 token, then EOS
+                assert h.positional_scores.shape == (len(toks),)
+                assert h.positional_scores.sum().item() == pytest.approx(total, abs=1e-10)
+                assert h.score == pytest.approx(total / len(toks) ** lp, abs=1e-10)
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_incremental_and_full_recompute_search_agree(beam):
+    model = model_for("tiny", torch.float64, tgt_vocab=12)
+    src = source([6, 2, 4])
+    inc = beam_search(model, src, beam=beam, nbest=beam, need_attention=True)
+    full = beam_search(model, src, beam=beam, nbest=beam, need_attention=True, incremental=False)
+    for hi, hf in zip(inc, full):
+        assert [h.tokens.tolist() for h in hi] == [h.tokens.tolist() for h in hf]
+        for a, b in zip(hi, hf):
+            assert a.score == pytest.approx(b.score, abs=1e-10)
+            torch.testing.assert_close(a.attention, b.attention, rtol=0, atol=1e-10)
+
+
+def test_attention_shape_and_rows_sum_to_one():
+    model = model_for("tiny", torch.float64, tgt_vocab=12)
+    lengths = [6, 2, 4]
+    hyps = beam_search(model, source(lengths), beam=3, nbest=3, need_attention=True)
+    for n, hs in zip(lengths, hyps):
+        for h in hs:
+            L = len(h.tokens)
+            assert h.attention.shape == (2, L, n)                  # tiny: 2 attention layers; real source only
+            torch.testing.assert_close(h.attention.sum(-1), torch.ones(2, L, dtype=torch.float64))
+
+
+def test_sentences_finish_independently_of_their_batch():
+    """A sentence decoded in a padded batch (where others finish earlier or later) == decoded alone."""
+    model = model_for("tiny", torch.float64, tgt_vocab=12)
+    lengths = [8, 2, 5, 3]
+    src = source(lengths, width=10)
+    batch = beam_search(model, src, beam=3, nbest=3, max_len_a=1.0, max_len_b=2)
+    steps = {len(hs[0].tokens) for hs in batch}
+    assert len(steps) > 1, "all sentences ended at the same step: the batch tests nothing"
+    for b, n in enumerate(lengths):
+        alone = beam_search(model, src[b:b + 1, :n], beam=3, nbest=3, max_len_a=1.0, max_len_b=2)[0]
+        assert [h.tokens.tolist() for h in batch[b]] == [h.tokens.tolist() for h in alone]
+        assert [h.score for h in batch[b]] == pytest.approx([h.score for h in alone], abs=1e-10)
+
+
+def test_length_limits_and_forced_length():
+    model = model_for("tiny", torch.float64, tgt_vocab=12)
+    src = source([6, 3, 8])
+    hyps = beam_search(model, src, beam=3, nbest=3, max_len_a=0.0, max_len_b=2)
+    assert all(len(h.tokens) <= 3 for hs in hyps for h in hs)
+    # min_len == max_len per sentence forces each hypothesis to that length (what bench_generate does).
+    target = torch.tensor([4, 1, 7])
+    hyps = beam_search(model, src, beam=2, max_len=target, min_len=target)
+    assert [len(hs[0].tokens) for hs in hyps] == (target + 1).tolist()
+    # the decoder's positions bound the length whatever max_len_b asks for
+    small = model_for("tiny", torch.float64, tgt_vocab=12, max_target_positions=5)
+    hyps = beam_search(small, src, beam=2, max_len_b=100, min_len=100)
+    assert all(len(hs[0].tokens) == 5 for hs in hyps)
+
+
+def test_bad_arguments_and_training_mode():
+    model = model_for("tiny", torch.float64, tgt_vocab=12)
+    with pytest.raises(ValueError, match="nbest"):
+        beam_search(model, source([3]), beam=2, nbest=3)
+    model.train()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        freeze(model.decoder)
+    beam_search(model, source([3]), beam=2)                        # the search switches to eval and back
+    assert model.training
+
+
+def test_plot_attention_writes_png(tmp_path):
+    from convs2s.plot import plot_attention
+    att = torch.softmax(torch.randn(3, 4, 5), dim=-1)
+    src, tgt = [f"s{i}" for i in range(5)], [f"t{i}" for i in range(4)]
+    for layer in ("mean", "all", 1):
+        out = plot_attention(att, src, tgt, str(tmp_path / f"a_{layer}.png"), layer=layer)
+        with open(out, "rb") as f:
+            assert f.read(8) == PNG_SIGNATURE
+    with pytest.raises(ValueError, match="labels"):
+        plot_attention(att, src[:4], tgt, str(tmp_path / "bad.png"))
+
+
+def test_plot_sentence_with_a_tokenizer(tmp_path):
+    from convs2s.plot import plot_sentence
+    from convs2s.tokenizer import Tokenizer
+    de = ["ein hund läuft im park", "zwei männer spielen fußball", "eine frau liest ein buch"] * 4
+    en = ["a dog runs in the park", "two men play soccer", "a woman reads a book"] * 4
+    tok = Tokenizer.train(de, en, vocab_size=40)
+    torch.manual_seed(0)
+    model = ConvS2S.from_preset("tiny", tok.src_vocab_size, tok.tgt_vocab_size, backend="reference").eval()
+    translation, out = plot_sentence(model, tok, "ein hund liest", str(tmp_path / "s.png"), beam=2, max_len_b=4)
+    assert isinstance(translation, str)
+    with open(out, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE

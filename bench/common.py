@@ -27,7 +27,7 @@ def timeit(fn: Callable[[], object], device: torch.device, *, min_run_time: floa
     fn()  # warm-up (lazy init, caches, compile)
     m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time)
-    times = sorted(m.raw_times)
+    times = sorted(m.times)  # per run (raw_times are per block of number_per_run runs)
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))] * 1e3  # noqa: E731
     return {"ms": m.median * 1e3, "ms_p20": q(0.2), "ms_p80": q(0.8)}
 

@@ -89,5 +89,7 @@ def glu_conv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual:
                     causal: bool) -> Tensor:
     """x (B, T, C_in), weight (k, C_in, 2*C_out), bias (2*C_out,) | None, residual (B, T, C_out) | None
     -> y (B, T, C_out), through the Triton kernels (validated inputs, any strides)."""
-    y, _ = glu_conv_fwd(x, weight, bias, residual, causal, SAVE_PRE_GLU)
+    # Nothing to save for backward when no gradient will flow (inference, decoding).
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    y, _ = glu_conv_fwd(x, weight, bias, residual, causal, SAVE_PRE_GLU and grad)
     return y

@@ -65,6 +65,7 @@ def _add_train(sub) -> None:
     p.add_argument("--save-interval-updates", type=int, default=0, help="also save last.pt every N updates")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
     p.add_argument("--metrics-json", default=None, help="write the final metrics to this JSON file")
+    p.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
     p.set_defaults(func=_run_train)
 

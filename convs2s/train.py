@@ -85,6 +85,7 @@ class TrainArgs:
     deterministic: bool = False       # torch.use_deterministic_algorithms (exact resume on CUDA too)
     metrics_json: str | None = None   # write the final metrics here (rank 0)
     progress: bool = True             # tqdm bars (rank 0)
+    num_threads: int = 0              # torch CPU threads (0 = torch's default); 1 wins on a shared, busy CPU
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -246,6 +247,8 @@ class TrainResult(NamedTuple):
 def train(args: TrainArgs) -> TrainResult:
     """Run training as `args` says."""
     t_start = time.time()
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
     d, device = init_distributed(args.device)
     if args.deterministic:
         # cuBLAS needs a fixed workspace for deterministic results (set before the first CUDA matmul).
@@ -254,6 +257,8 @@ def train(args: TrainArgs) -> TrainResult:
     save_dir = Path(args.save_dir)
     if d.main:
         save_dir.mkdir(parents=True, exist_ok=True)
+        for stale in save_dir.glob(".*.pt.tmp-*"):         # left by a run killed while saving
+            stale.unlink()
     log = _JsonlLog(save_dir / "train_log.jsonl" if d.main else None)
 
     ckpt = None

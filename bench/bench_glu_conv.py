@@ -139,6 +139,8 @@ def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
                          "speedup_vs_eager": eager_ms[pname] / t["ms"] if pname in eager_ms else None,
                          "peak_mem_bytes": mem, "tflops": tflops, "pct_of_gemm": 100.0 * tflops / gemm,
                          "max_abs_diff_vs_eager": diff})
+            # progress, so a run cut short at its time limit still shows what it measured
+            print(f"  {shape_s} {pname} {impl}: {t['ms']:.4g} ms, {tflops:.3g} TFLOP/s", file=sys.stderr)
         del out
     return rows
 

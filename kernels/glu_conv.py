@@ -36,18 +36,33 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# CONVS2S_TRITON_AUTOTUNE=0: one config per kernel on GPU too (the GPU test grid then compiles each kernel variant
+# once instead of once per config; tests/test_glu_conv_triton.py checks every config separately).
+AUTOTUNE = os.environ.get("CONVS2S_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
 
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 
 
-def _configs(gpu: list[tuple[int, int, int, int, int]], interp: tuple[int, int, int]) -> list[triton.Config]:
-    """Autotune configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on GPU; one config in the interpreter
-    (autotuning needs a GPU driver there). tl.dot tiles are >= 16 in every dimension (NVIDIA's minimum)."""
-    if INTERPRET:
-        bm, bn, bk = interp
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in gpu]
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# GPU autotune candidates, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). tl.dot tiles are >= 16 in every
+# dimension (NVIDIA's minimum). Configs that overflow shared memory (fp32 with deep pipelines) are skipped by the
+# autotuner. The forward's BLOCK_N counts channels of each GLU half: its tile is BLOCK_M x 2*BLOCK_N.
+FWD_CONFIGS = [_config(128, 64, 64, 4, 4), _config(128, 128, 64, 8, 3), _config(64, 64, 64, 4, 4),
+               _config(256, 64, 64, 8, 3)]
+DX_CONFIGS = [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4),
+              _config(128, 256, 64, 8, 3)]
+DW_CONFIGS = [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4),
+              _config(128, 128, 32, 4, 4)]
+# The single config: in the interpreter (autotuning needs a GPU driver; 64-wide tiles run ~3x faster there than
+# 32-wide ones) and with CONVS2S_TRITON_AUTOTUNE=0 (2 stages: fits shared memory in fp32 too).
+ONE_CONFIG = _config(64, 64, 64, 4, 1 if INTERPRET else 2)
+
+
+def _configs(gpu: list[triton.Config]) -> list[triton.Config]:
+    return gpu if AUTOTUNE else [ONE_CONFIG]
 
 
 @triton.jit
@@ -78,9 +93,8 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.autotune(
-    configs=_configs([(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 32, 4, 5),
-                      (256, 64, 64, 8, 3)], (64, 64, 64)),
-    key=["C_in", "C_out", "KSIZE", "M_BUCKET", "STORE_Y", "STORE_H"],
+    configs=_configs(FWD_CONFIGS),
+    key=["C_in", "C_out", "KSIZE", "M_BUCKET"],
 )
 @triton.jit
 def _fwd_kernel(
@@ -201,8 +215,7 @@ def _glu_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.autotune(
-    configs=_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-                      (64, 64, 64, 4, 4)], (64, 64, 64)),
+    configs=_configs(DX_CONFIGS),
     key=["C_in", "C_out", "KSIZE", "M_BUCKET"],
 )
 @triton.jit
@@ -251,9 +264,8 @@ def _dx_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.autotune(
-    configs=_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-                      (128, 128, 32, 4, 4)], (64, 64, 64)),
-    key=["C_in", "C_out", "KSIZE", "M_BUCKET", "ROWS_PER_SPLIT"],
+    configs=_configs(DW_CONFIGS),
+    key=["C_in", "C_out", "KSIZE", "M_BUCKET"],
 )
 @triton.jit
 def _dw_kernel(
@@ -369,7 +381,7 @@ def _dw_split(M: int, C_in: int, C_out: int, k: int, device) -> int:
     min_rows = 512 if device.type == "cuda" else 32     # small in the interpreter, so CPU tests run split > 1
     tiles = triton.cdiv(C_in, 128) * triton.cdiv(2 * C_out, 128) * k
     split = max(1, min(triton.cdiv(2 * n_sm, tiles), triton.cdiv(M, min_rows)))
-    granule = 64 if INTERPRET else 128                  # a multiple of every config's BLOCK_K: splits align to blocks
+    granule = 128 if AUTOTUNE else ONE_CONFIG.kwargs["BLOCK_K"]    # a multiple of BLOCK_K: splits align to blocks
     return triton.cdiv(triton.cdiv(M, split), granule) * granule
 
 

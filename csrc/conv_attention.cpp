@@ -1,0 +1,245 @@
+// conv_attention: op schemas (a TORCH_LIBRARY_FRAGMENT of the convs2s namespace), argument checks, the GEMMs
+// (ATen), and dispatch of the fused softmax kernels (conv_attention_cpu.cpp, conv_attention_cuda.cu).
+//
+// Forward (B sentences, Tt target steps, Ts source positions; sigma[b] = sqrt(real source tokens of b)):
+//   q   = sqrt(.5) * (x @ w_in^T) + sqrt(.5) * (te + b_in)     one GEMM with the sum folded in (beta = alpha = sqrt(.5))
+//   S   = q @ K^T                                              batched GEMM           (B, Tt, Ts), a temporary
+//   P~  = sigma * masked_softmax(S), lse = row log-sum-exp      fused kernel, in place on S
+//   ctx = P~ @ V                                               batched GEMM (the sqrt(s) scale rides on P~)
+//   out = sqrt(.5) * (ctx @ w_out^T) + sqrt(.5) * (x + b_out)  one GEMM with the residual folded in
+// Saved for the backward: q, ctx (B, Tt, E) and lse (B, Tt); no (B, Tt, Ts) tensor unless need_weights asks for
+// the probabilities. The backward recomputes S from q and K, and P from S and lse (flash-attention's recipe).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "conv_attention.h"
+
+#ifdef CONVS2S_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace convs2s {
+namespace {
+
+constexpr double kSqrtHalf = 0.70710678118654752440;
+
+void check_same(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "conv_attention: ", name, " has dtype ", t.scalar_type(),
+              " but x has dtype ", x.scalar_type(), "; all floating inputs must share one dtype");
+  TORCH_CHECK(t.device() == x.device(), "conv_attention: ", name, " is on ", t.device(), " but x is on ",
+              x.device(), "; all inputs must share one device");
+}
+
+void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef expected, const char* what) {
+  TORCH_CHECK(t.sizes() == expected, "conv_attention: ", name, " must be ", what, " = ", expected, ", got shape ",
+              t.sizes());
+}
+
+// Sizes (B, Tt, C, Ts, E) after checking every input against x and the keys.
+std::array<int64_t, 5> check_inputs(const at::Tensor& x, const at::Tensor& te, const at::Tensor& keys,
+                                    const at::Tensor& values, const std::optional<at::Tensor>& mask,
+                                    const at::Tensor& w_in, const at::Tensor& b_in, const at::Tensor& w_out,
+                                    const at::Tensor& b_out) {
+  TORCH_CHECK(x.dim() == 3, "conv_attention: x must be (B, Tt, C), got shape ", x.sizes());
+  TORCH_CHECK(x.is_floating_point(), "conv_attention: x must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK(keys.dim() == 3, "conv_attention: encoder_keys must be (B, Ts, E), got shape ", keys.sizes());
+  const int64_t B = x.size(0), Tt = x.size(1), C = x.size(2), Ts = keys.size(1), E = keys.size(2);
+  TORCH_CHECK(Tt >= 1 && Ts >= 1, "conv_attention: need at least one target and one source position, got Tt = ",
+              Tt, ", Ts = ", Ts);
+  check_shape("encoder_keys", keys, {B, Ts, E}, "(B, Ts, E)");
+  check_shape("target_embedding", te, {B, Tt, E}, "(B, Tt, E)");
+  check_shape("encoder_values", values, {B, Ts, E}, "(B, Ts, E)");
+  check_shape("w_in", w_in, {E, C}, "(E, C)");
+  check_shape("b_in", b_in, {E}, "(E,)");
+  check_shape("w_out", w_out, {C, E}, "(C, E)");
+  check_shape("b_out", b_out, {C}, "(C,)");
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"target_embedding", &te},
+                         {"encoder_keys", &keys}, {"encoder_values", &values}, {"w_in", &w_in}, {"b_in", &b_in},
+                         {"w_out", &w_out}, {"b_out", &b_out}})
+    check_same(name, *t, x);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "conv_attention: src_padding_mask must be a bool tensor (True = ",
+                "padding), got ", mask->scalar_type());
+    check_shape("src_padding_mask", *mask, {B, Ts}, "(B, Ts)");
+    TORCH_CHECK(mask->device() == x.device(), "conv_attention: src_padding_mask is on ", mask->device(),
+                " but x is on ", x.device());
+  }
+  return {B, Tt, C, Ts, E};
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// sigma[b] = sqrt(number of real source tokens of sentence b), (B,) in the softmax's precision.
+at::Tensor source_scale(const std::optional<at::Tensor>& mask, int64_t B, int64_t Ts, const at::Tensor& x) {
+  const auto opts = x.options().dtype(acc_type(x.scalar_type()));
+  if (!mask.has_value()) return at::full({B}, std::sqrt(static_cast<double>(Ts)), opts);
+  return mask->logical_not().sum(1).to(opts.dtype()).sqrt_();
+}
+
+#ifdef CONVS2S_WITH_CUDA
+int cuda_dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kDouble: return 1;
+    case at::kHalf: return 2;
+    case at::kBFloat16: return 3;
+    default: TORCH_CHECK(false, "conv_attention: unsupported dtype ", t, " (float, double, half, bfloat16 only)");
+  }
+}
+#endif
+
+const bool* mask_ptr(const std::optional<at::Tensor>& m) { return m.has_value() ? m->const_data_ptr<bool>() : nullptr; }
+
+void softmax_fwd(at::Tensor& scores, at::Tensor& lse, at::Tensor& attn, const std::optional<at::Tensor>& mask,
+                 const at::Tensor& sigma, const AttnSizes& s) {
+  if (scores.is_cuda()) {
+#ifdef CONVS2S_WITH_CUDA
+    attn_softmax_fwd_cuda(cuda_dtype_code(scores.scalar_type()), scores.data_ptr(), lse.data_ptr(),
+                          attn.numel() ? attn.data_ptr() : nullptr, mask_ptr(mask), sigma.data_ptr(), s,
+                          c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+#else
+    TORCH_CHECK(false, "conv_attention: the extension was built without CUDA kernels");
+#endif
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "attn_softmax_fwd", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    attn_softmax_fwd_cpu<scalar_t, acc_t>(scores.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>(),
+                                          attn.numel() ? attn.mutable_data_ptr<scalar_t>() : nullptr,
+                                          mask_ptr(mask), sigma.const_data_ptr<acc_t>(), s);
+  });
+}
+
+void softmax_bwd(at::Tensor& scores, at::Tensor& dpt, const std::optional<at::Tensor>& grad_attn,
+                 const at::Tensor& lse, const std::optional<at::Tensor>& mask, const at::Tensor& sigma,
+                 const AttnSizes& s) {
+  if (scores.is_cuda()) {
+#ifdef CONVS2S_WITH_CUDA
+    attn_softmax_bwd_cuda(cuda_dtype_code(scores.scalar_type()), scores.data_ptr(), dpt.data_ptr(),
+                          grad_attn.has_value() ? grad_attn->data_ptr() : nullptr, lse.data_ptr(), mask_ptr(mask),
+                          sigma.data_ptr(), s, c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+#else
+    TORCH_CHECK(false, "conv_attention: the extension was built without CUDA kernels");
+#endif
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "attn_softmax_bwd", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    attn_softmax_bwd_cpu<scalar_t, acc_t>(scores.mutable_data_ptr<scalar_t>(), dpt.mutable_data_ptr<scalar_t>(),
+                                          grad_attn.has_value() ? grad_attn->const_data_ptr<scalar_t>() : nullptr,
+                                          lse.const_data_ptr<acc_t>(), mask_ptr(mask), sigma.const_data_ptr<acc_t>(),
+                                          s);
+  });
+}
+
+std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+// Forward: (out (B, Tt, C), attn (B, Tt, Ts) if need_weights else (0,), and for the backward: q (B, Tt, E),
+// ctx (B, Tt, E), lse (B, Tt) in fp32 (fp64 for fp64 inputs)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_attention_fwd(
+    const at::Tensor& x, const at::Tensor& te, const at::Tensor& keys, const at::Tensor& values,
+    const std::optional<at::Tensor>& src_padding_mask, const at::Tensor& w_in, const at::Tensor& b_in,
+    const at::Tensor& w_out, const at::Tensor& b_out, bool need_weights) {
+  const auto [B, Tt, C, Ts, E] = check_inputs(x, te, keys, values, src_padding_mask, w_in, b_in, w_out, b_out);
+  const at::OptionalDeviceGuard guard(x.device());
+  const auto mask = contiguous_or_none(src_padding_mask);
+  const at::Tensor x2 = x.reshape({B * Tt, C});
+  at::Tensor q = at::addmm(te.reshape({B * Tt, E}) + b_in, x2, w_in.t(), kSqrtHalf, kSqrtHalf);   // (B*Tt, E)
+  at::Tensor q3 = q.view({B, Tt, E});
+  at::Tensor scores = at::bmm(q3, keys.transpose(1, 2));                                           // (B, Tt, Ts)
+  at::Tensor lse = at::empty({B, Tt}, x.options().dtype(acc_type(x.scalar_type())));
+  at::Tensor attn = need_weights ? at::empty({B, Tt, Ts}, x.options()) : at::empty({0}, x.options());
+  const at::Tensor sigma = source_scale(mask, B, Ts, x);
+  softmax_fwd(scores, lse, attn, mask, sigma, AttnSizes{B, Tt, Ts});
+  at::Tensor ctx = at::bmm(scores, values);                                                        // (B, Tt, E)
+  at::Tensor out = at::addmm(x2 + b_out, ctx.view({B * Tt, E}), w_out.t(), kSqrtHalf, kSqrtHalf);  // (B*Tt, C)
+  return {out.view({B, Tt, C}), attn, q3, ctx, lse};
+}
+
+// Backward: (grad_x, grad_target_embedding, grad_keys, grad_values, grad_w_in, grad_b_in, grad_w_out, grad_b_out).
+// grad_attn (B, Tt, Ts) is the gradient wrt the returned probabilities, or None.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_attention_bwd(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_attn, const at::Tensor& x,
+                   const at::Tensor& keys, const at::Tensor& values,
+                   const std::optional<at::Tensor>& src_padding_mask, const at::Tensor& w_in,
+                   const at::Tensor& w_out, const at::Tensor& q, const at::Tensor& ctx, const at::Tensor& lse) {
+  TORCH_CHECK(x.dim() == 3 && keys.dim() == 3, "conv_attention backward: x must be (B, Tt, C) and encoder_keys ",
+              "(B, Ts, E), got shapes ", x.sizes(), " and ", keys.sizes());
+  const int64_t B = x.size(0), Tt = x.size(1), C = x.size(2), Ts = keys.size(1), E = keys.size(2);
+  check_shape("grad_out", grad_out, {B, Tt, C}, "(B, Tt, C)");
+  check_shape("encoder_values", values, {B, Ts, E}, "(B, Ts, E)");
+  check_shape("w_in", w_in, {E, C}, "(E, C)");
+  check_shape("w_out", w_out, {C, E}, "(C, E)");
+  check_shape("q (saved)", q, {B, Tt, E}, "(B, Tt, E)");
+  check_shape("ctx (saved)", ctx, {B, Tt, E}, "(B, Tt, E)");
+  check_shape("lse (saved)", lse, {B, Tt}, "(B, Tt)");
+  TORCH_CHECK(lse.scalar_type() == acc_type(x.scalar_type()) && lse.is_contiguous(),
+              "conv_attention backward: lse must be the contiguous ", acc_type(x.scalar_type()),
+              " tensor saved by the forward, got ", lse.scalar_type());
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, {"encoder_keys", &keys},
+                         {"encoder_values", &values}, {"w_in", &w_in}, {"w_out", &w_out}, {"q", &q},
+                         {"ctx", &ctx}})
+    check_same(name, *t, x);
+  if (grad_attn.has_value()) {
+    check_shape("grad_attn", *grad_attn, {B, Tt, Ts}, "(B, Tt, Ts)");
+    check_same("grad_attn", *grad_attn, x);
+  }
+  if (src_padding_mask.has_value()) {
+    TORCH_CHECK(src_padding_mask->scalar_type() == at::kBool, "conv_attention backward: src_padding_mask must be bool");
+    check_shape("src_padding_mask", *src_padding_mask, {B, Ts}, "(B, Ts)");
+  }
+  const at::OptionalDeviceGuard guard(x.device());
+  const auto mask = contiguous_or_none(src_padding_mask);
+  const auto ga = contiguous_or_none(grad_attn);
+
+  const at::Tensor d = grad_out.reshape({B * Tt, C}) * kSqrtHalf;        // gradient wrt the out projection's sum
+  const at::Tensor ctx2 = ctx.reshape({B * Tt, E});
+  at::Tensor grad_b_out = d.sum(0);
+  at::Tensor grad_w_out = at::mm(d.t(), ctx2);                            // (C, E)
+  const at::Tensor dctx = at::mm(d, w_out).view({B, Tt, E});
+  at::Tensor p = at::bmm(q, keys.transpose(1, 2));                         // (B, Tt, Ts): the scores, recomputed
+  at::Tensor ds = at::bmm(dctx, values.transpose(1, 2));                   // (B, Tt, Ts): d loss / d (sigma * p)
+  softmax_bwd(p, ds, ga, lse, mask, source_scale(mask, B, Ts, x), AttnSizes{B, Tt, Ts});
+  at::Tensor grad_values = at::bmm(p.transpose(1, 2), dctx);              // (B, Ts, E)
+  at::Tensor grad_keys = at::bmm(ds.transpose(1, 2), q);                  // (B, Ts, E)
+  at::Tensor grad_te = at::bmm(ds, keys).mul_(kSqrtHalf);                 // (B, Tt, E): also d loss / d (x w_in^T)
+  const at::Tensor dlin = grad_te.view({B * Tt, E});
+  at::Tensor grad_b_in = dlin.sum(0);
+  at::Tensor grad_w_in = at::mm(dlin.t(), x.reshape({B * Tt, C}));        // (E, C)
+  at::Tensor grad_x = at::addmm(d, dlin, w_in).view({B, Tt, C});         // residual path + input projection
+  return {grad_x, grad_te, grad_keys, grad_values, grad_w_in, grad_b_in, grad_w_out, grad_b_out};
+}
+
+}  // namespace
+}  // namespace convs2s
+
+TORCH_LIBRARY_FRAGMENT(convs2s, m) {
+  m.def("conv_attention_native_fwd(Tensor x, Tensor target_embedding, Tensor encoder_keys, Tensor encoder_values, "
+        "Tensor? src_padding_mask, Tensor w_in, Tensor b_in, Tensor w_out, Tensor b_out, bool need_weights) -> "
+        "(Tensor out, Tensor attn, Tensor q, Tensor ctx, Tensor lse)");
+  m.def("conv_attention_native_bwd(Tensor grad_out, Tensor? grad_attn, Tensor x, Tensor encoder_keys, "
+        "Tensor encoder_values, Tensor? src_padding_mask, Tensor w_in, Tensor w_out, Tensor q, Tensor ctx, "
+        "Tensor lse) -> (Tensor grad_x, Tensor grad_target_embedding, Tensor grad_keys, Tensor grad_values, "
+        "Tensor grad_w_in, Tensor grad_b_in, Tensor grad_w_out, Tensor grad_b_out)");
+}
+
+TORCH_LIBRARY_IMPL(convs2s, CPU, m) {
+  m.impl("conv_attention_native_fwd", &convs2s::conv_attention_fwd);
+  m.impl("conv_attention_native_bwd", &convs2s::conv_attention_bwd);
+}
+
+#ifdef CONVS2S_WITH_CUDA
+TORCH_LIBRARY_IMPL(convs2s, CUDA, m) {
+  m.impl("conv_attention_native_fwd", &convs2s::conv_attention_fwd);
+  m.impl("conv_attention_native_bwd", &convs2s::conv_attention_bwd);
+}
+#endif

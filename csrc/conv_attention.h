@@ -1,0 +1,42 @@
+// conv_attention kernels: the fused masked softmax (forward) and its gradient (backward), between the batched
+// GEMMs that conv_attention.cpp runs through ATen. All tensors are contiguous rows of Ts source positions, one row
+// per (sentence b, target step t), row index b*Tt + t.
+//
+// No torch headers: this file is included by the .cu file, which must stay cheap to compile.
+#pragma once
+
+#include <cstdint>
+
+namespace convs2s {
+
+struct AttnSizes {
+  int64_t B, Tt, Ts;
+};
+
+// acc_t: float for float/half/bfloat16 storage, double for double (the softmax statistics' precision).
+//
+// Forward, per row (b, t):  p = softmax(scores) over the real (mask false) source positions, 0 on padding;
+//   scores <- sigma[b] * p  (in place: the ctx GEMM's left operand, sigma = sqrt(number of real source tokens))
+//   lse[b*Tt + t] = log(sum over real positions of exp(score))           (-inf if the row has no real position)
+//   attn <- p  (unscaled) when attn is not null.
+//   mask (B, Ts) bool, true = padding, or null (no padding).
+template <typename scalar_t, typename acc_t>
+void attn_softmax_fwd_cpu(scalar_t* scores, acc_t* lse, scalar_t* attn, const bool* mask, const acc_t* sigma,
+                          const AttnSizes& s);
+
+// Backward, per row: with p = exp(scores - lse) on real positions (0 on padding), recomputed from the scores, and
+//   dp = sigma[b] * dpt + grad_attn     (dpt = dctx @ V^T: the gradient wrt sigma * p; grad_attn may be null),
+//   scores <- sigma[b] * p              (the dV GEMM's left operand)
+//   dpt    <- p * (dp - sum_j p_j dp_j)  (the gradient wrt the scores; exactly 0 on padding)
+template <typename scalar_t, typename acc_t>
+void attn_softmax_bwd_cpu(scalar_t* scores, scalar_t* dpt, const scalar_t* grad_attn, const acc_t* lse,
+                          const bool* mask, const acc_t* sigma, const AttnSizes& s);
+
+// The same on a CUDA stream (void*: this header needs no CUDA headers). dtype: 0 float, 1 double, 2 half,
+// 3 bfloat16; lse and sigma are double for dtype 1, else float.
+void attn_softmax_fwd_cuda(int dtype, void* scores, void* lse, void* attn, const bool* mask, const void* sigma,
+                           const AttnSizes& s, void* stream);
+void attn_softmax_bwd_cuda(int dtype, void* scores, void* dpt, const void* grad_attn, const void* lse,
+                           const bool* mask, const void* sigma, const AttnSizes& s, void* stream);
+
+}  // namespace convs2s

@@ -38,8 +38,15 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Multi30k De->En: preset auto = "multi30k" on a GPU, "small" on a CPU, for TRAIN_MINUTES (default 20) of
+# wall-clock time; then test_2016_flickr sacreBLEU + chrF of the best checkpoint and five example translations.
+# Run folder: RUN (default runs/multi30k-de-en): checkpoints, train_log.jsonl, train/test metrics JSON.
 train: install
-	$(PY) -m convs2s train-multi30k $(if $(DATA),--data $(DATA),)
+	$(PY) -m convs2s train --preset auto $(if $(DATA),--data $(DATA),) --src-lang de --tgt-lang en \
+		--save-dir $(or $(RUN),runs/multi30k-de-en) --max-minutes $(or $(TRAIN_MINUTES),20) \
+		--metrics-json $(or $(RUN),runs/multi30k-de-en)/train_metrics.json
+	$(PY) -m convs2s evaluate --checkpoint $(or $(RUN),runs/multi30k-de-en)/best.pt --split test_2016_flickr \
+		$(if $(DATA),--data $(DATA),) --examples 5 --metrics-json $(or $(RUN),runs/multi30k-de-en)/test_metrics.json
 
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)

@@ -340,7 +340,7 @@ def train(args: TrainArgs) -> TrainResult:
     # Schedule state: `plateau_best` drives the lr (epoch ends only, so a mid-epoch stop does not change the
     # schedule and resume stays exact); `best_val` is the best validation loss saved as best.pt.
     state = {"epoch": 1, "batch_in_epoch": 0, "updates": 0, "lr": lr0, "plateau_best": math.inf,
-             "best_val": math.inf, "train_wall_s": 0.0}
+             "best_val": math.inf}
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         state.update(ckpt["train_state"])
@@ -392,7 +392,7 @@ def train(args: TrainArgs) -> TrainResult:
     deadline = t_start + args.max_minutes * 60 if args.max_minutes > 0 else math.inf
     last_valid: dict = {}
     stop_reason = None
-    tokens_done, t_train0 = 0, time.time()
+    tokens_done, loop_s = 0, 0.0      # this process's target tokens and seconds inside the update loop
     model.train()
     while stop_reason is None:
         if args.max_epochs and state["epoch"] > args.max_epochs:
@@ -402,8 +402,8 @@ def train(args: TrainArgs) -> TrainResult:
         bar = tqdm(total=len(sampler) + state["batch_in_epoch"], initial=state["batch_in_epoch"],
                    desc=f"epoch {state['epoch']}", disable=not (d.main and args.progress), dynamic_ncols=True,
                    leave=False)
-        interval = torch.zeros(3, dtype=torch.float64)        # loss sum, nll sum, target tokens (all ranks)
-        t_interval = time.time()
+        interval = torch.zeros(3, dtype=torch.float64, device=device)   # this rank's loss sum, nll sum, tokens
+        t_interval = t_loop = time.time()
         for indices in sampler:
             b = train_ds.collate(indices).to(device)
             ntok = _all_reduce_sum(torch.tensor([float(b.ntokens)], device=device), d)
@@ -415,18 +415,19 @@ def train(args: TrainArgs) -> TrainResult:
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            stats = _all_reduce_sum(torch.stack([loss.detach(), nll.detach(), ntok[0]]).double().cpu(), d)
-            interval += stats
-            tokens_done += int(stats[2])
+            # Summed on the device and read at log steps only: no host sync per update.
+            interval += torch.stack([loss.detach(), nll.detach(), torch.tensor(float(b.ntokens), device=device)])
+            tokens_done += b.ntokens
             state["updates"] += 1
             state["batch_in_epoch"] += 1
             bar.update(1)
             if state["updates"] % args.log_interval == 0 or state["updates"] == 1:
                 now = time.time()
+                loss_sum, nll_sum, ntok_sum = _all_reduce_sum(interval, d).tolist()
                 rec = {"type": "train", "epoch": state["epoch"], "update": state["updates"],
-                       "loss": float(interval[0] / interval[2]), "nll_loss": float(interval[1] / interval[2]),
-                       "ppl": math.exp(float(interval[1] / interval[2])), "lr": state["lr"], "gnorm": float(gnorm),
-                       "tokens_per_s": float(interval[2]) / max(now - t_interval, 1e-9),
+                       "loss": loss_sum / ntok_sum, "nll_loss": nll_sum / ntok_sum,
+                       "ppl": math.exp(nll_sum / ntok_sum), "lr": state["lr"], "gnorm": float(gnorm),
+                       "tokens_per_s": ntok_sum / max(now - t_interval, 1e-9),
                        "wall_s": round(now - t_start, 2)}
                 log.write(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}",
@@ -442,6 +443,7 @@ def train(args: TrainArgs) -> TrainResult:
             if args.save_interval_updates and state["updates"] % args.save_interval_updates == 0:
                 save(best=False)
         bar.close()
+        loop_s += time.time() - t_loop
         epoch_done = _epoch_complete(sampler, state)
         last_valid = run_validation()
         improved = last_valid["loss"] < state["best_val"]
@@ -458,17 +460,16 @@ def train(args: TrainArgs) -> TrainResult:
             state["batch_in_epoch"] = 0
             if stop_reason is None and state["lr"] < min_lr:
                 stop_reason = "min_lr"
-        state["train_wall_s"] += time.time() - t_train0
-        t_train0 = time.time()
         save(best=improved)
 
     wall = time.time() - t_start
+    tokens_done = int(_all_reduce_sum(torch.tensor([tokens_done], dtype=torch.float64, device=device), d).item())
     metrics = {
         "preset": preset, "src_lang": args.src_lang, "tgt_lang": args.tgt_lang, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "world_size": d.world_size, "params": n_params, "optimizer": args.optimizer, "stop_reason": stop_reason,
         "epochs_completed": state["epoch"] - 1, "updates": state["updates"], "wall_s": round(wall, 2),
-        "train_tokens_per_s": tokens_done / max(wall, 1e-9), "lr": state["lr"], "best_val_loss": state["best_val"],
+        "train_s": round(loop_s, 2), "train_tokens_per_s": tokens_done / max(loop_s, 1e-9), "lr": state["lr"], "best_val_loss": state["best_val"],
         "val_loss": last_valid.get("loss"), "val_ppl": last_valid.get("ppl"), "val_bleu": last_valid.get("bleu"),
         "val_bleu_signature": last_valid.get("bleu_signature"), "torch": torch.__version__,
         "commit": _git_commit(), "save_dir": str(save_dir),

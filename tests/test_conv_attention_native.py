@@ -1,0 +1,266 @@
+"""conv_attention on the native backend (the compiled extension's CPU and CUDA kernels) against the PyTorch
+reference: the output, the attention weights and the gradient of every input under the tolerance rule of
+tests/tolerance.py (fp64 reference, same-dtype PyTorch reference as yardstick), fp64 gradcheck, mask edge cases
+(one real token, all lengths different, Ts = 1, Tt = 1, padding not at the end: padded positions get exactly
+zero probability and gradient), non-contiguous inputs, opcheck, torch.compile, and bad inputs reaching the C++
+checks. CUDA cases skip without a GPU.
+"""
+
+import math
+
+import pytest
+import torch
+
+from convs2s.ops import available_backends, conv_attention, conv_attention_ref
+from tests.tolerance import assert_close_rule
+
+_WHY = available_backends("cpu")["native"]
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"native backend unavailable: {_WHY}")
+if _WHY is None:
+    import convs2s.ops._native_conv_attention  # noqa: F401  (fake and autograd registrations of the ops)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+INPUTS = ("x", "target_embedding", "encoder_keys", "encoder_values", "w_in", "b_in", "w_out", "b_out")
+
+
+def mask_from(Ts, spans):
+    """(B, Ts) bool, True = padding, from one (first real, last real + 1) span per sentence; None: no mask."""
+    if spans is None:
+        return None
+    pos = torch.arange(Ts)[None, :]
+    lo = torch.tensor([s[0] for s in spans])[:, None]
+    hi = torch.tensor([s[1] for s in spans])[:, None]
+    return (pos < lo) | (pos >= hi)
+
+
+def make_inputs(B, Tt, Ts, C, E):
+    """fp64 tensors in the contract's order. Keys are scaled so that scores spread over a few units: a softmax
+    that is neither uniform nor one-hot."""
+    return {
+        "x": torch.randn(B, Tt, C, dtype=torch.float64),
+        "target_embedding": torch.randn(B, Tt, E, dtype=torch.float64),
+        "encoder_keys": torch.randn(B, Ts, E, dtype=torch.float64) / E ** 0.25,
+        "encoder_values": torch.randn(B, Ts, E, dtype=torch.float64),
+        "w_in": torch.randn(E, C, dtype=torch.float64) / math.sqrt(C),
+        "b_in": torch.randn(E, dtype=torch.float64),
+        "w_out": torch.randn(C, E, dtype=torch.float64) / math.sqrt(E),
+        "b_out": torch.randn(C, dtype=torch.float64),
+    }
+
+
+def args(t, mask):
+    return (t["x"], t["target_embedding"], t["encoder_keys"], t["encoder_values"], mask, t["w_in"], t["b_in"],
+            t["w_out"], t["b_out"])
+
+
+def run(fn, t, mask, need_weights, gout, gattn, dtype, device, **kw):
+    """(out, attn, {input: grad}) of fn on copies of t in dtype on device; loss = <out, gout> (+ <attn, gattn>)."""
+    leaves = {n: v.detach().to(device, dtype).requires_grad_() for n, v in t.items()}
+    m = None if mask is None else mask.to(device)
+    out, attn = fn(*args(leaves, m), need_weights=need_weights, **kw)
+    loss = (out.double() * gout.to(device)).sum()
+    if gattn is not None:
+        loss = loss + (attn.double() * gattn.to(device)).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return out, attn, dict(zip(leaves, grads))
+
+
+def check(t, mask, dtype, device, need_weights=True, attn_in_loss=True):
+    B, Tt, C = t["x"].shape
+    gout = torch.randn(B, Tt, C, dtype=torch.float64)
+    gattn = torch.randn(B, Tt, t["encoder_keys"].shape[1], dtype=torch.float64) if attn_in_loss else None
+    o64, a64, g64 = run(conv_attention_ref, t, mask, True, gout, gattn, torch.float64, "cpu")
+    ol, al, gl = run(conv_attention_ref, t, mask, True, gout, gattn, dtype, device)
+    of, af, gf = run(conv_attention, t, mask, need_weights, gout, gattn, dtype, device, backend="native")
+    assert of.dtype == dtype and of.device.type == device
+    assert_close_rule("out", of, ol, o64, dtype)
+    if need_weights:
+        assert af.dtype == dtype and af.shape == a64.shape
+        assert_close_rule("attn", af, al, a64, dtype)
+    else:
+        assert af is None
+    for name in INPUTS:
+        assert gf[name].shape == t[name].shape, name
+        assert_close_rule("d" + name, gf[name], gl[name], g64[name], dtype)
+    if mask is not None:  # padded source positions: exactly zero probability and key/value gradient
+        pad = mask.to(device)
+        if need_weights:
+            assert torch.all(af.masked_select(pad[:, None, :]) == 0)
+        assert torch.all(gf["encoder_keys"][pad] == 0)
+        assert torch.all(gf["encoder_values"][pad] == 0)
+
+
+# (B, Tt, Ts, C, E, spans, need_weights, attn_in_loss); spans: each sentence's real source positions [lo, hi).
+CASES = {
+    "all_lengths_different": (3, 37, 29, 24, 40, [(0, 29), (0, 17), (0, 5)], True, True),
+    "left_and_inner_padding": (2, 20, 23, 16, 24, [(7, 23), (3, 9)], True, False),
+    "one_real_token": (2, 9, 18, 16, 20, [(0, 18), (10, 11)], False, False),
+    "one_real_token_weights": (2, 9, 18, 16, 20, [(17, 18), (0, 1)], True, True),
+    "Ts_1": (2, 17, 1, 16, 24, None, True, True),
+    "Tt_1": (3, 1, 19, 16, 24, [(0, 19), (0, 4), (8, 19)], False, False),
+    "Tt_1_Ts_1": (2, 1, 1, 5, 3, None, True, True),
+    "no_mask_odd_E": (2, 18, 33, 20, 17, None, False, False),
+    "longest_sentence_padded_too": (2, 16, 21, 16, 16, [(0, 15), (2, 11)], True, True),
+    "mask_without_padding": (2, 6, 7, 9, 11, [(0, 7), (0, 7)], True, True),
+    "long_source": (2, 5, 300, 12, 20, [(0, 300), (100, 233)], True, True),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, dtype, device):
+    B, Tt, Ts, C, E, spans, need_weights, attn_in_loss = CASES[case]
+    check(make_inputs(B, Tt, Ts, C, E), mask_from(Ts, spans), dtype, device, need_weights, attn_in_loss)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_sized(device):
+    # The benchmark's layer width and a translation batch's lengths.
+    spans = [(0, 32 - (i % 7)) for i in range(8)]
+    check(make_inputs(8, 30, 32, 512, 256), mask_from(32, spans), torch.float32, device, False, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["all_lengths_different", "left_and_inner_padding", "Ts_1", "Tt_1"])
+def test_gradcheck_fp64(case, device):
+    B, Tt, Ts, _, _, spans, need_weights, _ = CASES[case]
+    t = make_inputs(B, min(Tt, 5), Ts, 4, 6)
+    leaves = [v.to(device).requires_grad_() for v in t.values()]
+    mask = mask_from(Ts, spans)
+    mask = None if mask is None else mask.to(device)
+
+    def fn(x, te, k, v, w_in, b_in, w_out, b_out):
+        out, attn = conv_attention(x, te, k, v, mask, w_in, b_in, w_out, b_out, need_weights=need_weights,
+                                   backend="native")
+        return (out, attn) if need_weights else out
+
+    def ref(x, te, k, v, w_in, b_in, w_out, b_out):
+        out, attn = conv_attention_ref(x, te, k, v, mask, w_in, b_in, w_out, b_out, need_weights=need_weights)
+        return (out, attn) if need_weights else out
+
+    for a, e in zip(*(torch.utils._pytree.tree_leaves(f(*leaves)) for f in (fn, ref))):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    """Every input a strided view: transposed storage for activations and weights, every other column of a
+    wider mask."""
+    B, Tt, Ts, C, E = 2, 11, 13, 10, 12
+    t = make_inputs(B, Tt, Ts, C, E)
+    mask = mask_from(Ts, [(0, 13), (4, 9)])
+    wide = torch.zeros(B, 2 * Ts, dtype=torch.bool)
+    wide[:, ::2] = mask
+    strided_mask = wide[:, ::2].to(device)
+    gout = torch.randn(B, Tt, C, dtype=torch.float64)
+
+    def strided(v):
+        v = v.to(device, torch.float32)
+        if v.dim() == 1:
+            return torch.stack([v, v], 1)[:, 0].detach().requires_grad_()
+        return v.transpose(-1, -2).contiguous().transpose(-1, -2).detach().requires_grad_()
+
+    leaves = {n: strided(v) for n, v in t.items()}
+    assert not any(v.is_contiguous() for v in leaves.values()) and not strided_mask.is_contiguous()
+    out, attn = conv_attention(*args(leaves, strided_mask), need_weights=True, backend="native")
+    grads = torch.autograd.grad((out.double() * gout.to(device)).sum(), list(leaves.values()))
+    o64, a64, g64 = run(conv_attention_ref, t, mask, True, gout, None, torch.float64, "cpu")
+    ol, al, gl = run(conv_attention_ref, t, mask, True, gout, None, torch.float32, device)
+    assert_close_rule("out", out, ol, o64, torch.float32)
+    assert_close_rule("attn", attn, al, a64, torch.float32)
+    for name, g in zip(leaves, grads):
+        assert_close_rule("d" + name, g, gl[name], g64[name], torch.float32)
+
+
+def test_auto_picks_native_on_cpu():
+    t = make_inputs(2, 3, 4, 5, 6)
+    a = conv_attention(*args(t, None))
+    b = conv_attention(*args(t, None), backend="native")
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+
+
+# ---- op registration: opcheck, torch.compile ---------------------------------------------------------------------
+
+def _op_args(mask=True, requires_grad=True, dtype=torch.float32):
+    t = make_inputs(2, 5, 7, 8, 6)
+    leaves = {n: v.to(dtype).requires_grad_(requires_grad) for n, v in t.items()}
+    return args(leaves, mask_from(7, [(0, 7), (1, 4)]) if mask else None)
+
+
+@pytest.mark.parametrize("mask", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_opcheck_forward(mask, need_weights):
+    torch.library.opcheck(torch.ops.convs2s.conv_attention_native_fwd.default, (*_op_args(mask), need_weights))
+
+
+@pytest.mark.parametrize("with_grad_attn", [True, False])
+def test_opcheck_backward(with_grad_attn):
+    x, te, k, v, mask, w_in, b_in, w_out, b_out = _op_args(requires_grad=False)
+    out, attn, q, ctx, lse = torch.ops.convs2s.conv_attention_native_fwd(x, te, k, v, mask, w_in, b_in, w_out,
+                                                                         b_out, True)
+    gattn = torch.randn_like(attn) if with_grad_attn else None
+    torch.library.opcheck(torch.ops.convs2s.conv_attention_native_bwd.default,
+                          (torch.randn_like(out), gattn, x, k, v, mask, w_in, w_out, q, ctx, lse))
+
+
+def test_torch_compile_fullgraph():
+    # fp64, so that the compiled graph and the reference agree to rounding of a different summation order.
+    x, te, k, v, mask, w_in, b_in, w_out, b_out = _op_args(dtype=torch.float64)
+
+    def loss(fn, **kw):
+        out, attn = fn(x, te, k, v, mask, w_in, b_in, w_out, b_out, need_weights=True, **kw)
+        return out.square().sum() + attn.square().sum()
+
+    compiled = torch.compile(lambda: loss(conv_attention, backend="native"), fullgraph=True, backend="aot_eager")
+    got = compiled()
+    want = loss(conv_attention_ref)
+    torch.testing.assert_close(got, want)
+    leaves = [x, te, k, v, w_in, b_in, w_out, b_out]
+    for a, e in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(a, e)
+
+
+# ---- bad inputs reaching the C++ checks (the public op's Python checks are bypassed) -----------------------------
+
+def _fwd(**changes):
+    names = ("x", "target_embedding", "encoder_keys", "encoder_values", "src_padding_mask", "w_in", "b_in", "w_out",
+             "b_out")
+    a = dict(zip(names, _op_args(requires_grad=False)))
+    a.update(changes)
+    return torch.ops.convs2s.conv_attention_native_fwd(*a.values(), False)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"x": torch.randn(2, 5)}, r"x must be \(B, Tt, C\), got shape \[2, 5\]"),
+    ({"encoder_keys": torch.randn(2, 7)}, r"encoder_keys must be \(B, Ts, E\), got shape \[2, 7\]"),
+    ({"target_embedding": torch.randn(2, 5, 7)}, r"target_embedding must be \(B, Tt, E\) = \[2, 5, 6\], got shape"),
+    ({"encoder_values": torch.randn(2, 6, 6)}, r"encoder_values must be \(B, Ts, E\) = \[2, 7, 6\]"),
+    ({"w_in": torch.randn(8, 6)}, r"w_in must be \(E, C\) = \[6, 8\], got shape \[8, 6\]"),
+    ({"b_out": torch.randn(6)}, r"b_out must be \(C,\) = \[8\]"),
+    ({"w_out": torch.randn(8, 6).double()}, r"w_out has dtype Double but x has dtype Float"),
+    ({"src_padding_mask": torch.zeros(2, 7)}, r"src_padding_mask must be a bool tensor"),
+    ({"src_padding_mask": torch.zeros(2, 6, dtype=torch.bool)}, r"src_padding_mask must be \(B, Ts\) = \[2, 7\]"),
+    ({"x": torch.randn(2, 0, 8), "target_embedding": torch.randn(2, 0, 6)}, r"at least one target and one source"),
+])
+def test_bad_inputs_reach_cpp_checks(changes, match):
+    with pytest.raises(RuntimeError, match=match):
+        _fwd(**changes)
+
+
+def test_bad_saved_tensor_in_backward():
+    x, te, k, v, mask, w_in, b_in, w_out, b_out = _op_args(requires_grad=False)
+    out, _, q, ctx, lse = torch.ops.convs2s.conv_attention_native_fwd(x, te, k, v, mask, w_in, b_in, w_out, b_out,
+                                                                      False)
+    with pytest.raises(RuntimeError, match=r"lse \(saved\) must be \(B, Tt\) = \[2, 5\]"):
+        torch.ops.convs2s.conv_attention_native_bwd(out, None, x, k, v, mask, w_in, w_out, q, ctx, lse[:, :3])
+    with pytest.raises(RuntimeError, match=r"lse must be the contiguous Float tensor saved by the forward"):
+        torch.ops.convs2s.conv_attention_native_bwd(out, None, x, k, v, mask, w_in, w_out, q, ctx, lse.double())
+
+
+@CUDA
+def test_mixed_devices_reach_cpp_checks():
+    with pytest.raises(RuntimeError, match=r"encoder_keys is on cuda:0 but x is on cpu"):
+        _fwd(encoder_keys=torch.randn(2, 7, 6, device="cuda"))

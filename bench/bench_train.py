@@ -98,7 +98,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    impl_list = args.impls or impls(device)
+    usable = impls(device)
+    impl_list = [i for i in (args.impls or usable) if i in usable]
+    for i in set(args.impls or []) - set(usable):
+        print(f"{i}: not usable on {device} ({available_backends(device).get(i)}), skipped")
     rows = []
     for preset in args.presets:
         rows += bench_preset(preset, device, args.quick, impl_list)

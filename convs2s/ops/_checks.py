@@ -41,8 +41,10 @@ def autocast_inputs(*tensors):
     Fused backends need one dtype for all inputs; autocast would otherwise hand them bf16 activations with
     fp32 weights.
     """
+    if not isinstance(tensors[0], torch.Tensor):
+        return tensors                  # not a tensor: left for the op's checks to name
     dev = tensors[0].device.type
     if not torch.is_autocast_enabled(dev):
         return tensors
     dtype = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

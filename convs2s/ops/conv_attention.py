@@ -103,9 +103,10 @@ def _conv_attention_reference(x, target_embedding, encoder_keys, encoder_values,
 
 def conv_attention(x, target_embedding, encoder_keys, encoder_values, src_padding_mask, w_in, b_in, w_out, b_out,
                    *, need_weights: bool = False, backend: str = "auto"):
-    _validate(x, target_embedding, encoder_keys, encoder_values, src_padding_mask, w_in, b_in, w_out, b_out)
+    # Cast first: under autocast a model hands bf16 activations with fp32 weights, one dtype once cast.
     x, target_embedding, encoder_keys, encoder_values, w_in, b_in, w_out, b_out = autocast_inputs(
         x, target_embedding, encoder_keys, encoder_values, w_in, b_in, w_out, b_out)
+    _validate(x, target_embedding, encoder_keys, encoder_values, src_padding_mask, w_in, b_in, w_out, b_out)
     _, fn = _backend.resolve("conv_attention", backend, x.device)
     return fn(x, target_embedding, encoder_keys, encoder_values, src_padding_mask, w_in, b_in, w_out, b_out,
               need_weights)

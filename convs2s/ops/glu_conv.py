@@ -86,8 +86,9 @@ def _glu_conv_reference(x, weight, bias, residual, causal):
 def glu_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
              residual: torch.Tensor | None = None, *, causal: bool = False,
              backend: str = "auto") -> torch.Tensor:
-    _validate(x, weight, bias, residual)
+    # Cast first: under autocast a model hands bf16 activations with fp32 weights, one dtype once cast.
     x, weight, bias, residual = autocast_inputs(x, weight, bias, residual)
+    _validate(x, weight, bias, residual)
     _, fn = _backend.resolve("glu_conv", backend, x.device)
     return fn(x, weight, bias, residual, causal)
 

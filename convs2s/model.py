@@ -269,6 +269,22 @@ class Decoder(nn.Module):
         logits = self.fc3(x)                                                      # (B, Tt, V_tgt)
         return (logits, attentions) if return_attention else logits
 
+    # Incremental decoding (inference, eval mode): one token per call, O(1) in the prefix length.
+    # The state and the step live in convs2s/incremental.py; these methods are its entry points.
+    def init_incremental_state(self, enc: EncoderOut):
+        from .incremental import init_state
+        return init_state(self, enc)
+
+    def forward_step(self, tokens: torch.Tensor, state, need_weights: bool = False):
+        """tokens (B,) newest decoder input per row -> (logits (B, V_tgt), per-layer attention (B, Ts) list)."""
+        from .incremental import forward_step
+        return forward_step(self, tokens, state, need_weights=need_weights)
+
+    def reorder_incremental_state(self, state, order: torch.Tensor):
+        """Keep the state's rows `order` (B',), in that order (beam search)."""
+        from .incremental import reorder_state
+        return reorder_state(state, order)
+
 
 class ConvS2S(nn.Module):
     """model(src_tokens (B, Ts), src_lengths (B,), prev_output_tokens (B, Tt)) -> logits (B, Tt, V_tgt).

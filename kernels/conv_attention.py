@@ -52,30 +52,51 @@ LOG2E = 1.4426950408889634
 QK_SCALE_LOG2 = SQRT_HALF * LOG2E
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# CONVS2S_TRITON_AUTOTUNE=0 runs the first config of each kernel instead of tuning (quick GPU test runs, where
+# every new shape would otherwise compile and time all configs).
+AUTOTUNE = os.environ.get("CONVS2S_TRITON_AUTOTUNE", "1") != "0"
 
 # The one config used under TRITON_INTERPRET=1 (autotune needs a GPU driver). Small tiles so that small test
 # shapes still span several target tiles, source tiles and E-chunks. Tests may swap in another dict.
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_EK": 16, "BLOCK_EO": 16, "num_warps": 4, "num_stages": 1}
 
 
-def _configs(own: str) -> list[triton.Config]:
-    """GPU configs. `own` names the tile a program owns ("M": target rows, forward and dq; "N": source rows, dK/dV);
-    the other block is the one looped over. Six configs keep first-call tuning to a few seconds per kernel."""
+def _configs(own: str, shapes) -> list[triton.Config]:
+    """GPU configs from (rows, cols, BLOCK_EO, num_warps): `own` names the tile a program owns ("M": target rows,
+    forward and dq; "N": source rows, dK/dV), the other block is the one looped over."""
     loop = "N" if own == "M" else "M"
-    out = []
-    for rows, cols, eo, warps in ((64, 64, 128, 4), (64, 64, 256, 8), (32, 64, 256, 4), (64, 32, 128, 4),
-                                  (128, 64, 128, 8), (32, 32, 128, 4)):
-        meta = {f"BLOCK_{own}": rows, f"BLOCK_{loop}": cols, "BLOCK_EK": 64, "BLOCK_EO": eo}
-        out.append(triton.Config(meta, num_warps=warps, num_stages=2))
-    return out
+    return [triton.Config({f"BLOCK_{own}": rows, f"BLOCK_{loop}": cols, "BLOCK_EK": 64, "BLOCK_EO": eo},
+                          num_warps=warps, num_stages=2) for rows, cols, eo, warps in shapes]
+
+
+# Chosen among configs compiled for sm_90 (triton 3.8, bf16) as those that do not spill registers: e.g. the dK/dV
+# kernel at (BLOCK_N, BLOCK_M, BLOCK_EO) = (64, 64, 128) with 4 warps spills 1.6 KB per thread, with its two
+# fp32 (BLOCK_N, BLOCK_EO) accumulators beside two (BLOCK_N, BLOCK_M) score tiles.
+_FWD_CONFIGS = _configs("M", [(64, 64, 128, 4), (64, 64, 256, 8), (64, 32, 128, 8), (32, 64, 128, 4),
+                              (128, 64, 64, 8), (128, 32, 128, 8)])
+_DQ_CONFIGS = _configs("M", [(64, 64, 128, 8), (64, 64, 256, 8), (64, 32, 128, 8), (32, 64, 128, 4),
+                             (64, 64, 64, 8), (32, 32, 64, 4)])
+_DKDV_CONFIGS = _configs("N", [(64, 32, 128, 8), (64, 64, 64, 8), (32, 32, 64, 4)])
+# The materializing backward's dS kernel: a GEMM-like tile over (target, source), E innermost and pipelined
+# (same no-spill selection; 128 x 128 tiles spill 200-700 bytes per thread).
+_DS_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_EK": ek}, num_warps=w, num_stages=st)
+               for m, n, ek, w, st in [(64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 128, 32, 8, 3),
+                                       (128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 64, 64, 4, 3)]]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose E-chunk is wider than E needs (E = 128 gains nothing from BLOCK_EO = 256)."""
+    """Keep the configs worth timing for these arguments.
+
+    fp32 keeps one: it is the full-precision correctness path (products in ieee fp32), not a speed path, and
+    tuning its variants costs minutes of compilation (10-30 s each, measured on this project's CI machine).
+    Configs whose E-chunk is wider than E needs are dropped (E = 128 gains nothing from BLOCK_EO = 256).
+    """
     E = named_args["E"]
     need = max(16, triton.next_power_of_2(E))
-    kept = [c for c in configs if c.kwargs["BLOCK_EO"] <= need]
-    return kept or configs[:1]
+    kept = [c for c in configs if c.kwargs.get("BLOCK_EO", 0) <= need] or configs[:1]
+    if named_args["q_ptr"].dtype == torch.float32 or not AUTOTUNE:
+        kept = kept[:1]
+    return kept
 
 
 def _tuned(fn, configs):
@@ -86,8 +107,9 @@ def _tuned(fn, configs):
                            prune_configs_by={"early_config_prune": _prune})(fn)
 
 
-def _meta() -> dict:
-    return dict(INTERPRET_CONFIG) if _INTERPRET else {}
+def _meta(*drop: str) -> dict:
+    """Launch meta-parameters: INTERPRET_CONFIG (less the names in `drop`) under the interpreter, else none."""
+    return {k: v for k, v in INTERPRET_CONFIG.items() if k not in drop} if _INTERPRET else {}
 
 
 def _bucket(n: int) -> int:
@@ -354,9 +376,83 @@ def _bwd_dkdv_kernel(
     tl.store(dv_ptr + pid_b * stride_dkb + tile, (dv * root_s).to(dv_ptr.dtype.element_ty), mask=tmask)
 
 
-_fwd = _tuned(_fwd_kernel, _configs("M"))
-_bwd_dq = _tuned(_bwd_dq_kernel, _configs("M"))
-_bwd_dkdv = _tuned(_bwd_dkdv_kernel, _configs("N"))
+@triton.jit
+def _bwd_ds_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, mask_ptr, ctx_ptr, do_ptr, lse_ptr, rs_ptr, da_ptr, dextra_ptr, p_ptr, ds_ptr,
+    # dimensions
+    T_TGT, T_SRC, E,
+    # strides (ctx and do share q0's layout; p and ds are contiguous (B, Tt, Ts))
+    stride_qb, stride_qm, stride_qe,
+    stride_kb, stride_kn, stride_ke,
+    stride_vb, stride_vn, stride_ve,
+    stride_maskb, stride_maskn,
+    stride_dab, stride_dam, stride_dan,
+    stride_pb, stride_pm, stride_pn,
+    # autotune key only
+    tt_bucket, ts_bucket,
+    # meta-parameters
+    QK_SCALE: tl.constexpr, Q_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_EK: tl.constexpr,
+):
+    """One (source tile, target tile, sentence) of the materializing backward, both contractions over E in one
+    pipelined loop: p_s = sqrt(s) * p and ds = sqrt(.5) * p * (dP - delta), so that dV = p_s.T @ do,
+    dK = ds.T @ q0 and dq0 = ds @ K are plain batched GEMMs. delta = rowsum(do * ctx) (+ dextra) is recomputed
+    by every source tile of a row from the same loads' neighbours (ctx is the one extra read)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    q_ptr += pid_b * stride_qb
+    ctx_ptr += pid_b * stride_qb
+    do_ptr += pid_b * stride_qb
+    k_ptr += pid_b * stride_kb
+    v_ptr += pid_b * stride_vb
+    mask_ptr += pid_b * stride_maskb
+    da_ptr += pid_b * stride_dab
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_valid = offs_m < T_TGT
+    n_in = offs_n < T_SRC
+    s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_EK):
+        offs_e = e0 + tl.arange(0, BLOCK_EK)
+        e_valid = offs_e < E
+        row_tile = offs_m[:, None] * stride_qm + offs_e[None, :] * stride_qe
+        row_mask = m_valid[:, None] & e_valid[None, :]
+        col_mask = n_in[None, :] & e_valid[:, None]
+        q = tl.load(q_ptr + row_tile, mask=row_mask, other=0.0)
+        do = tl.load(do_ptr + row_tile, mask=row_mask, other=0.0)
+        c = tl.load(ctx_ptr + row_tile, mask=row_mask, other=0.0)
+        kt = tl.load(k_ptr + offs_n[None, :] * stride_kn + offs_e[:, None] * stride_ke, mask=col_mask, other=0.0)
+        vt = tl.load(v_ptr + offs_n[None, :] * stride_vn + offs_e[:, None] * stride_ve, mask=col_mask, other=0.0)
+        s = tl.dot(q, kt, s, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, vt, dp, input_precision=DOT_PRECISION)
+        delta += tl.sum(do.to(tl.float32) * c.to(tl.float32), axis=1)
+    if HAS_DA:
+        delta += tl.load(dextra_ptr + pid_b * T_TGT + offs_m, mask=m_valid, other=0.0)
+
+    root_s = tl.load(rs_ptr + pid_b)
+    lse = tl.load(lse_ptr + pid_b * T_TGT + offs_m, mask=m_valid, other=0.0)
+    valid = _source_valid(mask_ptr, offs_n, T_SRC, stride_maskn, HAS_MASK)
+    p = tl.where(m_valid[:, None] & valid[None, :], tl.math.exp2(s * QK_SCALE - lse[:, None]), 0.0)
+    dp = dp * root_s
+    tile = offs_m[:, None] * stride_dam + offs_n[None, :] * stride_dan
+    tmask = m_valid[:, None] & n_in[None, :]
+    if HAS_DA:
+        dp += tl.load(da_ptr + tile, mask=tmask, other=0.0).to(tl.float32)
+    ds = p * (dp - delta[:, None]) * Q_SCALE
+    out = pid_b * stride_pb + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
+    tl.store(p_ptr + out, (p * root_s).to(p_ptr.dtype.element_ty), mask=tmask)
+    tl.store(ds_ptr + out, ds.to(ds_ptr.dtype.element_ty), mask=tmask)
+
+
+_fwd = _tuned(_fwd_kernel, _FWD_CONFIGS)
+_bwd_dq = _tuned(_bwd_dq_kernel, _DQ_CONFIGS)
+_bwd_dkdv = _tuned(_bwd_dkdv_kernel, _DKDV_CONFIGS)
+_bwd_ds = _tuned(_bwd_ds_kernel, _DS_CONFIGS)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -403,48 +499,80 @@ def attention_forward(q0: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return ctx, lse, root_s, attn
 
 
+# Backward strategy: "materialize" runs the dS kernel and three cuBLAS batched GEMMs (dV = p_s.T @ do,
+# dK = ds.T @ q0, dq0 = ds @ K) and holds two (B, Tt, Ts) tensors for the length of one attention backward;
+# "flash" runs the dq and dK/dV kernels in O(B * (Tt + Ts) * E) memory but recomputes the scores and dP once per
+# E-chunk (E / BLOCK_EO times: 6x at E = 768 with the 128-wide chunks the dK/dV kernel fits without spilling).
+# "auto" materializes up to MATERIALIZE_MAX_BYTES (256 MiB: e.g. B = 32, Tt = Ts = 1024 in bf16), where the
+# eager reference keeps several such tensors alive until its backward ends.
+BACKWARD = "auto"
+MATERIALIZE_MAX_BYTES = 256 << 20
+
+
+def backward_strategy(B: int, Tt: int, Ts: int, dtype: torch.dtype) -> str:
+    if BACKWARD != "auto":
+        return BACKWARD
+    nbytes = 2 * B * Tt * Ts * torch.empty((), dtype=dtype).element_size()
+    return "materialize" if nbytes <= MATERIALIZE_MAX_BYTES else "flash"
+
+
 def attention_backward(q0, k, v, mask, ctx, do, lse, root_s, dattn=None, attn=None):
-    """Gradients of the attention core from saved statistics (p is recomputed, never stored).
+    """Gradients of the attention core from saved statistics (p is recomputed from lse, never saved).
 
     q0, ctx, do: (B, Tt, E) contiguous, do = dL/dctx; k, v (B, Ts, E) any strides; lse (B, Tt), root_s (B,)
     from attention_forward; dattn = dL/dp (B, Tt, Ts) with attn = p, or both None.
-    Returns dq0 (B, Tt, E) (= dL/dq0, the sqrt(.5) included), dk, dv (B, Ts, E) contiguous, in q0's dtype.
+    Returns dq0 (B, Tt, E) (= dL/dq0, the sqrt(.5) included), dk, dv (B, Ts, E), in q0's dtype.
     """
     B, Tt, E = q0.shape
     Ts = k.shape[1]
     assert ctx.stride() == q0.stride() and do.stride() == q0.stride(), "q0, ctx, do must share one layout"
-    dq0 = torch.empty_like(q0)
-    dk = torch.empty(B, Ts, E, device=q0.device, dtype=q0.dtype)
-    dv = torch.empty_like(dk)
-    delta = torch.empty(B, Tt, device=q0.device, dtype=torch.float32)
     has_da = dattn is not None
+    stats = torch.empty(B, Tt, device=q0.device, dtype=torch.float32)     # delta, written by the flash dq kernel
     if has_da:
         # rowsum(dL/dp * p): the softmax-backward term of a loss that uses the weights themselves.
         dextra = (dattn.float() * attn.float()).sum(-1)
         da, da_strides = dattn, dattn.stride()
     else:
-        dextra, da, da_strides = delta, delta, (0, 0, 0)
-    mask_t, stride_mb, stride_mn, has_mask = _mask_args(mask, delta)
+        dextra, da, da_strides = stats, stats, (0, 0, 0)
+    mask_t, stride_mb, stride_mn, has_mask = _mask_args(mask, stats)
     common = dict(QK_SCALE=QK_SCALE_LOG2, Q_SCALE=SQRT_HALF, HAS_MASK=has_mask, HAS_DA=has_da,
-                  DOT_PRECISION=_dot_precision(q0.dtype), **_meta())
+                  DOT_PRECISION=_dot_precision(q0.dtype))
+
+    if backward_strategy(B, Tt, Ts, q0.dtype) == "materialize":
+        p_s = torch.empty(B, Tt, Ts, device=q0.device, dtype=q0.dtype)
+        ds = torch.empty_like(p_s)
+
+        def grid_ds(meta):
+            return triton.cdiv(Ts, meta["BLOCK_N"]), triton.cdiv(Tt, meta["BLOCK_M"]), B
+
+        _bwd_ds[grid_ds](
+            q0, k, v, mask_t, ctx, do, lse, root_s, da, dextra, p_s, ds,
+            Tt, Ts, E,
+            *q0.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *da_strides, *p_s.stride(),
+            _bucket(Tt), _bucket(Ts), **common, **_meta("BLOCK_EO"))
+        return torch.bmm(ds, k), torch.bmm(ds.transpose(1, 2), q0), torch.bmm(p_s.transpose(1, 2), do)
+
+    dq0 = torch.empty_like(q0)
+    dk = torch.empty(B, Ts, E, device=q0.device, dtype=q0.dtype)
+    dv = torch.empty_like(dk)
 
     def grid_q(meta):
         return triton.cdiv(Tt, meta["BLOCK_M"]), B, triton.cdiv(E, meta["BLOCK_EO"])
 
     _bwd_dq[grid_q](
-        q0, k, v, mask_t, ctx, do, lse, root_s, da, dextra, delta, dq0,
+        q0, k, v, mask_t, ctx, do, lse, root_s, da, dextra, stats, dq0,
         Tt, Ts, E,
         *q0.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *da_strides,
-        _bucket(Tt), _bucket(Ts), **common)
+        _bucket(Tt), _bucket(Ts), **common, **_meta())
 
     def grid_kv(meta):
         return triton.cdiv(Ts, meta["BLOCK_N"]), B, triton.cdiv(E, meta["BLOCK_EO"])
 
     _bwd_dkdv[grid_kv](
-        q0, k, v, mask_t, do, lse, root_s, da, delta, dk, dv,
+        q0, k, v, mask_t, do, lse, root_s, da, stats, dk, dv,
         Tt, Ts, E,
         *q0.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *da_strides, *dk.stride(),
-        _bucket(Tt), _bucket(Ts), **common)
+        _bucket(Tt), _bucket(Ts), **common, **_meta())
     return dq0, dk, dv
 
 

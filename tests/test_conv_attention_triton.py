@@ -108,9 +108,17 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["materialize", "flash"])
+def strategy(request, monkeypatch):
+    """The backward's two strategies (kernels/conv_attention.py BACKWARD), each forced."""
+    from convs2s.kernels import conv_attention as k
+    monkeypatch.setattr(k, "BACKWARD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(case, dtype):
+def test_matches_reference(case, dtype, strategy):
     B, Tt, Ts, C, E, spans, need_weights, attn_in_loss = CASES[case]
     t, mask = make_inputs(B, Tt, Ts, C, E, mask_from(Ts, spans))
     check_against_reference(t, mask, dtype, need_weights, attn_in_loss)
@@ -127,13 +135,16 @@ def shapes(draw):
         lo = draw(st.integers(0, Ts - n))
         spans.append((lo, lo + n))
     use_mask = draw(st.booleans())
-    return B, Tt, Ts, C, E, (spans if use_mask else None), draw(st.booleans())
+    return B, Tt, Ts, C, E, (spans if use_mask else None), draw(st.booleans()), draw(st.sampled_from(
+        ["materialize", "flash"]))
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=shapes())
-def test_hypothesis_shapes(shape):
-    B, Tt, Ts, C, E, spans, need_weights = shape
+def test_hypothesis_shapes(shape, monkeypatch):
+    from convs2s.kernels import conv_attention as k
+    B, Tt, Ts, C, E, spans, need_weights, strategy = shape
+    monkeypatch.setattr(k, "BACKWARD", strategy)
     t, mask = make_inputs(B, Tt, Ts, C, E, mask_from(Ts, spans))
     check_against_reference(t, mask, torch.float32, need_weights, attn_in_loss=need_weights)
 
@@ -180,7 +191,7 @@ def test_non_contiguous_inputs():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="INTERPRET_CONFIG is used only under the interpreter")
-def test_other_tile_config(monkeypatch):
+def test_other_tile_config(monkeypatch, strategy):
     """Tiles of different widths per dimension (the GPU configs are never the interpreter's 16s)."""
     from convs2s.kernels import conv_attention as k
     monkeypatch.setattr(k, "INTERPRET_CONFIG", {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_EK": 32, "BLOCK_EO": 64,
@@ -189,7 +200,7 @@ def test_other_tile_config(monkeypatch):
     check_against_reference(t, mask, torch.float32, need_weights=True, attn_in_loss=True)
 
 
-def test_backward_is_deterministic():
+def test_backward_is_deterministic(strategy):
     t, mask = make_inputs(2, 21, 34, 16, 24, mask_from(34, [(0, 34), (0, 9)]))
     gout = torch.randn(2, 21, 16, dtype=torch.float64)
     _, _, g1 = run(conv_attention, t, mask, False, gout, None, torch.float32, DEVICE, backend="triton")
@@ -198,7 +209,7 @@ def test_backward_is_deterministic():
         assert torch.equal(g1[name], g2[name]), name
 
 
-def test_weights_requested_but_unused_in_loss():
+def test_weights_requested_but_unused_in_loss(strategy):
     """need_weights=True with a loss on `out` only: the weights' gradient is None, not a zero tensor."""
     t, mask = make_inputs(2, 10, 12, 8, 16, mask_from(12, [(0, 12), (2, 7)]))
     check_against_reference(t, mask, torch.float32, need_weights=True, attn_in_loss=False)
@@ -216,7 +227,7 @@ def test_opcheck_forward():
         torch.library.opcheck(torch.ops.convs2s.conv_attention_triton_fwd.default, (*args, need_weights))
 
 
-def test_opcheck_backward():
+def test_opcheck_backward(strategy):
     x, te, k, v, mask, w_in, b_in, w_out, b_out = _op_args(requires_grad=False)
     out, attn, ctx, q0, lse, root_s = torch.ops.convs2s.conv_attention_triton_fwd(
         x, te, k, v, mask, w_in, b_in, w_out, b_out, True)
@@ -258,7 +269,7 @@ CUDA_CASES = [
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: "x".join(map(str, c[:5])))
-def test_cuda_matches_reference(case, dtype):
+def test_cuda_matches_reference(case, dtype, strategy):
     B, Tt, Ts, C, E, spans = case
     t, mask = make_inputs(B, Tt, Ts, C, E, mask_from(Ts, spans))
     check_against_reference(t, mask, dtype, need_weights=True, attn_in_loss=True, device=torch.device("cuda"))

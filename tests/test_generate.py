@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convs2s.incremental import forward_step, freeze, init_state, reorder_state
+from convs2s.incremental import forward_step, freeze, init_state
 from convs2s.model import PRESETS, ConvS2S
 from convs2s.ops import _backend, glu_conv
 from convs2s.search import beam_search
+from tests.tolerance import assert_close_rule
 
 PAD, BOS, EOS = 1, 0, 2
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -45,16 +46,16 @@ def step_through(model, src, tgt, lengths):
     """Step the decoder over tgt (B, T) (BOS first), sentence b leaving the batch after lengths[b] inputs; the
     surviving rows are reversed at every drop, to exercise the reorder. -> {b: (lengths[b], V) logits}."""
     enc = model.encode(src)
-    state = init_state(model.decoder, enc)
+    state = model.decoder.init_incremental_state(enc)
     rows = list(range(src.shape[0]))                              # state row -> sentence
     out = {b: [] for b in rows}
     for t in range(max(lengths)):
-        logits, _ = forward_step(model.decoder, tgt[rows, t], state)
+        logits, _ = model.decoder.forward_step(tgt[rows, t].to(src.device), state)
         for r, b in enumerate(rows):
             out[b].append(logits[r])
         keep = [r for r, b in enumerate(rows) if lengths[b] > t + 1][::-1]
         if len(keep) < len(rows):
-            reorder_state(state, torch.tensor(keep, dtype=torch.long))
+            model.decoder.reorder_incremental_state(state, torch.tensor(keep, dtype=torch.long, device=src.device))
             rows = [rows[r] for r in keep]
     return {b: torch.stack(v) for b, v in out.items()}
 
@@ -86,6 +87,57 @@ def test_incremental_equals_full_forward(preset, dtype):
     scale = full.abs().max().item()
     print(f"{preset} {dtype}: max |step - full| = {worst:.3e}, max |logits| = {scale:.3e}")
     assert worst <= TOL[dtype] * max(1.0, scale)
+
+
+def test_incremental_under_autocast():
+    """Under bf16 autocast (what generation does on CUDA; CPU autocast here) the step runs in bf16 and its error
+    against the fp64 full forward is within the tolerance rule of the full forward's own autocast error."""
+    model = model_for("tiny", torch.float32)
+    model64 = model_for("tiny", torch.float64)
+    src, lengths = source([7, 4, 5]), [5, 2, 4]
+    tgt = torch.randint(4, 40, (3, 5))
+    tgt[:, 0] = BOS
+    with torch.no_grad():
+        ref64 = model64(src, None, tgt)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full = model(src, None, tgt)
+            state = init_state(model.decoder, model.encode(src))
+            assert state.keys.dtype == torch.bfloat16 and state.weights.dtype == torch.bfloat16
+            steps = step_through(model, src, tgt, lengths)
+    for b, n in enumerate(lengths):
+        assert_close_rule(f"sentence {b}", steps[b].float(), full[b, :n].float(), ref64[b, :n], torch.bfloat16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_incremental_on_cuda(autocast):
+    """The multi30k preset on CUDA with the default backends: steps == full forward (fp32: 1e-5; bf16 autocast:
+    the tolerance rule against the fp64 CPU forward); beam search incremental == full recompute (fp32)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = model_for("multi30k", torch.float32, backend="auto").cuda()
+    src, lengths = source([9, 4, 6]).cuda(), [6, 2, 5]
+    tgt = torch.randint(4, 40, (3, 6), device="cuda")
+    tgt[:, 0] = BOS
+    with torch.no_grad():
+        if not autocast:
+            full = model(src, None, tgt)
+            steps = step_through(model, src, tgt, lengths)
+            for b, n in enumerate(lengths):
+                torch.testing.assert_close(steps[b], full[b, :n], rtol=0, atol=1e-5)
+            inc = beam_search(model, src, beam=4, nbest=4, max_len=8)
+            rec = beam_search(model, src, beam=4, nbest=4, max_len=8, incremental=False)
+            for hi, hr in zip(inc, rec):
+                assert [h.tokens.tolist() for h in hi] == [h.tokens.tolist() for h in hr]
+            return
+        ref64 = model_for("multi30k", torch.float64)(src.cpu(), None, tgt.cpu())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            full = model(src, None, tgt)
+            steps = step_through(model, src, tgt, lengths)
+            hyps = beam_search(model, src, beam=5, max_len=8, need_attention=True)
+    for b, n in enumerate(lengths):
+        assert_close_rule(f"sentence {b}", steps[b].float().cpu(), full[b, :n].float().cpu(), ref64[b, :n],
+                          torch.bfloat16)
+    assert all(h[0].tokens.is_cuda and len(h[0].tokens) <= 9 for h in hyps)
 
 
 def fused_backends():

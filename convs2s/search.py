@@ -142,13 +142,12 @@ def _search(model, src_tokens, src_lengths, K, max_len_a, max_len_b, max_len, mi
     for step in range(int(max_lens.max()) + 1):
         logits, attn = stepper.step(tokens[:, -1], need_attention)             # (N, V), (N, nL, Ts)
         score_dtype = torch.promote_types(logits.dtype, torch.float32)
-        lprobs = F.log_softmax(logits.to(score_dtype), dim=-1)                 # (N, V)
+        lprobs = F.log_softmax(logits.to(score_dtype), dim=-1)                 # (N, V), a fresh tensor
         N, V = lprobs.shape
-        vocab = torch.arange(V, device=device)
-        banned = (vocab == pad) | (vocab == bos)                                # (V,)
-        banned = banned | ((vocab == eos) & (step < row_min)[:, None])          # (N, V)
-        banned = banned | ((vocab != eos) & (step >= row_max)[:, None])         # EOS forced at the maximum length
-        lprobs = lprobs.masked_fill(banned, -math.inf)
+        lprobs[:, [pad, bos]] = -math.inf
+        eos_lp = lprobs[:, eos].masked_fill(step < row_min, -math.inf)          # (N,) EOS banned before min_len
+        lprobs.masked_fill_((step >= row_max)[:, None], -math.inf)              # EOS forced at the maximum length
+        lprobs[:, eos] = eos_lp
         cand = lprobs if cum is None else cum[:, None] + lprobs                  # (N, V) cumulative
         n = N // K
         cand = cand.view(n, K, V)

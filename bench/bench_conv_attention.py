@@ -2,9 +2,11 @@
 
 Implementations: eager (conv_attention_ref), compile (torch.compile(conv_attention_ref)), sdpa (the same op
 written on torch.nn.functional.scaled_dot_product_attention, below), triton and native (when
-convs2s.ops.available_backends says they run here), and triton-core: the Triton attention kernels alone,
-without the two projection GEMMs around them, which shows how the time of the fused op splits between the
-kernels and cuBLAS (speedup_vs_eager is left empty for it: it computes less).
+convs2s.ops.available_backends says they run here), triton-flash: triton with its flash backward forced
+(kernels/conv_attention.py BACKWARD; "triton" runs the default, which materializes dS at these sizes), and
+triton-core: the Triton attention kernels alone, without the two projection GEMMs around them, which shows how
+the time of the fused op splits between the kernels and cuBLAS (speedup_vs_eager is left empty for it: it
+computes less).
 
     python -m bench.bench_conv_attention [--device cuda] [--dtype bfloat16] [--quick] [--out PATH]
 
@@ -18,6 +20,7 @@ tflops, max_abs_diff_vs_eager (forward output, a sanity check of each implementa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 
@@ -93,7 +96,7 @@ def impls(device: torch.device) -> list[str]:
     avail = available_backends(device)
     out = ["eager", "compile", "sdpa"]
     if avail["triton"] is None:
-        out += ["triton", "triton-core"]
+        out += ["triton", "triton-flash", "triton-core"]
     if avail["native"] is None:
         out.append("native")
     return out
@@ -117,7 +120,84 @@ def _op(impl: str, retained: bool = False):
         return torch.compile(_ref_retained if retained else _ref, dynamic=False)  # static: its best case
     if impl == "sdpa":
         return lambda *a: conv_attention_sdpa(*a)[0]
-    return lambda *a: conv_attention(*a, backend=impl)[0]
+    return lambda *a: conv_attention(*a, backend=impl.split("-")[0])[0]
+
+
+@contextlib.contextmanager
+def _backward_strategy(impl: str):
+    """Force the flash backward for "triton-flash"; leave the default otherwise."""
+    if impl != "triton-flash":
+        yield
+        return
+    from convs2s.kernels import conv_attention as k
+    before, k.BACKWARD = k.BACKWARD, "flash"
+    try:
+        yield
+    finally:
+        k.BACKWARD = before
+
+
+def _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, device, dtype, B, Tt, Ts, E):
+    """Rows of one implementation on one shape (eager_ms: {pass: ms} of eager, filled when impl is eager)."""
+    if impl == "triton-core":
+        core = _triton_core()
+        x, te, keys, values, mask, w_in, b_in = args[:7]
+        with torch.no_grad():
+            q0 = (F.linear(x, w_in, b_in) + te).contiguous()
+        q0.requires_grad_()
+        fwd = lambda: core(q0, keys, values, mask)  # noqa: E731
+        grad_leaves = [q0, keys, values]
+        gctx = torch.randn(B, Tt, E, device=device, dtype=dtype)
+        flops, diff = 4.0 * B * Tt * Ts * E, None
+    else:
+        op = _op(impl)
+        fwd = lambda: op(*args)  # noqa: E731
+        grad_leaves, gctx, flops = leaves, gout, flops_fwd
+        try:
+            with torch.no_grad():
+                diff = (op(*args).float() - want).abs().max().item()
+        except Exception as e:  # one failing implementation must not hide the others' figures
+            print(f"  {shape_s} {impl}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
+            return [{"op": "conv_attention", "shape": shape_s, "impl": impl, "error": f"{type(e).__name__}: {e}"}]
+    if impl == "compile":
+        # Donated buffers (saved activations freed inside the compiled backward) forbid running one
+        # backward twice, which the "bwd" timing does: its graph is compiled without them (a difference in
+        # memory only, the same kernels run), the fwd and fwd+bwd rows keep the default.
+        from torch._functorch import config
+        op_retained = _op(impl, retained=True)
+        with config.patch(donated_buffer=False):
+            out = op_retained(*args)
+            torch.autograd.grad(out, grad_leaves, gctx, retain_graph=True)
+    else:
+        out = fwd()
+
+    def bwd():
+        return torch.autograd.grad(out, grad_leaves, gctx, retain_graph=True)
+
+    def both():
+        return torch.autograd.grad(fwd(), grad_leaves, gctx)
+
+    rows = []
+    for pname, fn, mult in (("fwd", fwd, 1.0), ("bwd", bwd, 2.0), ("fwd+bwd", both, 3.0)):
+        try:
+            fn()  # warm-up: compile, autotune
+            t = common.timeit(fn, device)
+            mem = common.peak_memory(fn, device)
+        except Exception as e:
+            print(f"  {shape_s} {impl} {pname}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
+            rows.append({"op": "conv_attention", "shape": shape_s, "pass": pname, "impl": impl,
+                         "error": f"{type(e).__name__}: {e}"})
+            continue
+        if impl == "eager":
+            eager_ms[pname] = t["ms"]
+        speedup = (eager_ms[pname] / t["ms"] if pname in eager_ms and impl != "triton-core" else None)
+        print(f"  {shape_s} {pname:>7} {impl:>12}: {t['ms']:.4f} ms (p20 {t['ms_p20']:.4f}, p80 {t['ms_p80']:.4f})"
+              f" speedup {speedup or float('nan'):.2f} peak {mem} B", flush=True)
+        rows.append({"op": "conv_attention", "shape": shape_s, "pass": pname, "impl": impl, **t,
+                     "speedup_vs_eager": speedup, "peak_mem_bytes": mem,
+                     "tflops": mult * flops / (t["ms"] * 1e-3) / 1e12, "max_abs_diff_vs_eager": diff})
+    del out
+    return rows
 
 
 def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
@@ -131,63 +211,9 @@ def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
         want = conv_attention_ref(*args)[0].float()
     rows, eager_ms = [], {}
     for impl in impl_list:
-        if impl == "triton-core":
-            core = _triton_core()
-            x, te, keys, values, mask, w_in, b_in = args[:7]
-            with torch.no_grad():
-                q0 = (F.linear(x, w_in, b_in) + te).contiguous()
-            q0.requires_grad_()
-            fwd = lambda: core(q0, keys, values, mask)  # noqa: E731
-            grad_leaves = [q0, keys, values]
-            gctx = torch.randn(B, Tt, E, device=device, dtype=dtype)
-            flops, diff = 4.0 * B * Tt * Ts * E, None
-        else:
-            op = _op(impl)
-            fwd = lambda: op(*args)  # noqa: E731
-            grad_leaves, gctx, flops = leaves, gout, flops_fwd
-            try:
-                with torch.no_grad():
-                    diff = (op(*args).float() - want).abs().max().item()
-            except Exception as e:  # one failing implementation must not hide the others' figures
-                print(f"  {shape_s} {impl}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
-                rows.append({"op": "conv_attention", "shape": shape_s, "impl": impl,
-                             "error": f"{type(e).__name__}: {e}"})
-                continue
-        if impl == "compile":
-            # Donated buffers (saved activations freed inside the compiled backward) forbid running one
-            # backward twice, which the "bwd" timing does: its graph is compiled without them (a difference in
-            # memory only, the same kernels run), the fwd and fwd+bwd rows keep the default.
-            from torch._functorch import config
-            op_retained = _op(impl, retained=True)
-            with config.patch(donated_buffer=False):
-                out = op_retained(*args)
-                torch.autograd.grad(out, grad_leaves, gctx, retain_graph=True)
-        else:
-            out = fwd()
-
-        def bwd():
-            return torch.autograd.grad(out, grad_leaves, gctx, retain_graph=True)
-
-        def both():
-            return torch.autograd.grad(fwd(), grad_leaves, gctx)
-
-        for pname, fn, mult in (("fwd", fwd, 1.0), ("bwd", bwd, 2.0), ("fwd+bwd", both, 3.0)):
-            try:
-                fn()  # warm-up: compile, autotune
-                t = common.timeit(fn, device)
-                mem = common.peak_memory(fn, device)
-            except Exception as e:
-                print(f"  {shape_s} {impl} {pname}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
-                rows.append({"op": "conv_attention", "shape": shape_s, "pass": pname, "impl": impl,
-                             "error": f"{type(e).__name__}: {e}"})
-                continue
-            if impl == "eager":
-                eager_ms[pname] = t["ms"]
-            speedup = (eager_ms[pname] / t["ms"] if pname in eager_ms and impl != "triton-core" else None)
-            rows.append({"op": "conv_attention", "shape": shape_s, "pass": pname, "impl": impl, **t,
-                         "speedup_vs_eager": speedup, "peak_mem_bytes": mem,
-                         "tflops": mult * flops / (t["ms"] * 1e-3) / 1e12, "max_abs_diff_vs_eager": diff})
-        del out
+        with _backward_strategy(impl):
+            rows += _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, device, dtype,
+                                B, Tt, Ts, E)
     return rows
 
 

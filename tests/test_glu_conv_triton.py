@@ -171,8 +171,8 @@ def test_hypothesis_random_shapes():
 
 
 def test_backward_is_deterministic_and_dw_split_agrees(monkeypatch):
-    # dW reduces over B*T in SPLIT chunks summed in a fixed order: bitwise repeatable, and equal (to rounding) to
-    # the single-chunk path.
+    # dW reduces over B*T in SPLIT chunks summed in a fixed order: bitwise repeatable. The single-chunk path sums
+    # in another order, so both are held to the fp64 reference by the tolerance rule (not to each other bitwise).
     import convs2s.kernels.glu_conv as K
     T = 1000 if _device() == "cuda" else 100        # splits need >= 512 rows each on a GPU, 32 in the interpreter
     x, w, b, r, dy = make_inputs(2, T, 24, 20, 3, bias=True, residual=True, dtype=torch.float32,
@@ -185,7 +185,11 @@ def test_backward_is_deterministic_and_dw_split_agrees(monkeypatch):
         assert torch.equal(a, c)
     monkeypatch.setattr(K, "_dw_split", lambda M, *_: triton.cdiv(M, 128) * 128)
     _, g3 = forward_backward(fn, (x, w, b, r), dy)
-    torch.testing.assert_close(g3[1], g1[1], rtol=1e-5, atol=1e-5)
+    _, lowp = forward_backward(lambda *a: glu_conv_ref(*a), (x, w, b, r), dy)
+    _, ref64 = forward_backward(lambda *a: glu_conv_ref(*a), (x.double(), w.double(), b.double(), r.double()),
+                                dy.double())
+    assert_close_rule("dW split", g1[1], lowp[1], ref64[1], torch.float32)
+    assert_close_rule("dW 1 chunk", g3[1], lowp[1], ref64[1], torch.float32)
 
 
 def test_recompute_pre_glu_matches_saved(monkeypatch):

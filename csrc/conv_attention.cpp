@@ -9,6 +9,8 @@
 //   out = sqrt(.5) * (ctx @ w_out^T) + sqrt(.5) * (x + b_out)  one GEMM with the residual folded in
 // Saved for the backward: q, ctx (B, Tt, E) and lse (B, Tt); no (B, Tt, Ts) tensor unless need_weights asks for
 // the probabilities. The backward recomputes S from q and K, and P from S and lse (flash-attention's recipe).
+// On CUDA without need_weights, S, P~ and ctx come from one flash-style kernel instead (conv_attention_cuda.cu),
+// which never writes S: the forward then has no (B, Tt, Ts) temporary either.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/core/DeviceGuard.h>
@@ -155,12 +157,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_atte
   const at::Tensor x2 = x.reshape({B * Tt, C});
   at::Tensor q = at::addmm(te.reshape({B * Tt, E}) + b_in, x2, w_in.t(), kSqrtHalf, kSqrtHalf);   // (B*Tt, E)
   at::Tensor q3 = q.view({B, Tt, E});
-  at::Tensor scores = at::bmm(q3, keys.transpose(1, 2));                                           // (B, Tt, Ts)
   at::Tensor lse = at::empty({B, Tt}, x.options().dtype(acc_type(x.scalar_type())));
   at::Tensor attn = need_weights ? at::empty({B, Tt, Ts}, x.options()) : at::empty({0}, x.options());
   const at::Tensor sigma = source_scale(mask, B, Ts, x);
-  softmax_fwd(scores, lse, attn, mask, sigma, AttnSizes{B, Tt, Ts});
-  at::Tensor ctx = at::bmm(scores, values);                                                        // (B, Tt, E)
+  const AttnSizes sizes{B, Tt, Ts, E};
+  at::Tensor ctx;
+#ifdef CONVS2S_WITH_CUDA
+  if (x.is_cuda() && !need_weights) {  // flash-style: no (B, Tt, Ts) tensor at all
+    const at::Tensor k = keys.contiguous(), v = values.contiguous();
+    ctx = at::empty({B, Tt, E}, x.options());
+    const bool launched = attn_flash_fwd_cuda(cuda_dtype_code(x.scalar_type()), q3.data_ptr(), k.data_ptr(),
+                                              v.data_ptr(), mask_ptr(mask), sigma.data_ptr(), ctx.data_ptr(),
+                                              lse.data_ptr(), sizes, c10::cuda::getCurrentCUDAStream().stream());
+    if (launched) C10_CUDA_KERNEL_LAUNCH_CHECK();
+    else ctx = at::Tensor();
+  }
+#endif
+  if (!ctx.defined()) {
+    at::Tensor scores = at::bmm(q3, keys.transpose(1, 2));                                         // (B, Tt, Ts)
+    softmax_fwd(scores, lse, attn, mask, sigma, sizes);
+    ctx = at::bmm(scores, values);                                                                 // (B, Tt, E)
+  }
   at::Tensor out = at::addmm(x2 + b_out, ctx.view({B * Tt, E}), w_out.t(), kSqrtHalf, kSqrtHalf);  // (B*Tt, C)
   return {out.view({B, Tt, C}), attn, q3, ctx, lse};
 }
@@ -208,7 +225,7 @@ conv_attention_bwd(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   const at::Tensor dctx = at::mm(d, w_out).view({B, Tt, E});
   at::Tensor p = at::bmm(q, keys.transpose(1, 2));                         // (B, Tt, Ts): the scores, recomputed
   at::Tensor ds = at::bmm(dctx, values.transpose(1, 2));                   // (B, Tt, Ts): d loss / d (sigma * p)
-  softmax_bwd(p, ds, ga, lse, mask, source_scale(mask, B, Ts, x), AttnSizes{B, Tt, Ts});
+  softmax_bwd(p, ds, ga, lse, mask, source_scale(mask, B, Ts, x), AttnSizes{B, Tt, Ts, E});
   at::Tensor grad_values = at::bmm(p.transpose(1, 2), dctx);              // (B, Ts, E)
   at::Tensor grad_keys = at::bmm(ds.transpose(1, 2), q);                  // (B, Ts, E)
   at::Tensor grad_te = at::bmm(ds, keys).mul_(kSqrtHalf);                 // (B, Tt, E): also d loss / d (x w_in^T)

@@ -10,7 +10,7 @@
 namespace convs2s {
 
 struct AttnSizes {
-  int64_t B, Tt, Ts;
+  int64_t B, Tt, Ts, E;
 };
 
 // acc_t: float for float/half/bfloat16 storage, double for double (the softmax statistics' precision).
@@ -38,5 +38,13 @@ void attn_softmax_fwd_cuda(int dtype, void* scores, void* lse, void* attn, const
                            const AttnSizes& s, void* stream);
 void attn_softmax_bwd_cuda(int dtype, void* scores, void* dpt, const void* grad_attn, const void* lse,
                            const bool* mask, const void* sigma, const AttnSizes& s, void* stream);
+
+// Flash-style forward on CUDA, without the (B, Tt, Ts) scores: for each row,
+//   ctx[b, t] = sigma[b] * softmax(q[b, t] @ K[b]^T over real positions) @ V[b],   lse as above,
+// one pass over source tiles with an online softmax. q (B, Tt, E), K and V (B, Ts, E) contiguous; ctx (B, Tt, E).
+// Returns false (launching nothing) for shapes it does not cover: E > kFlashMaxE or B > 65535.
+constexpr int64_t kFlashMaxE = 1024;
+bool attn_flash_fwd_cuda(int dtype, const void* q, const void* keys, const void* values, const bool* mask,
+                         const void* sigma, void* ctx, void* lse, const AttnSizes& s, void* stream);
 
 }  // namespace convs2s

@@ -5,11 +5,19 @@
 // in fp32 (fp64 for fp64) reduced with warp shuffles. A row is read a few times, from L1/L2: rows are short
 // (Ts ~ 10-100 in translation), and the kernels are memory-bound passes next to the GEMMs.
 //
+// The forward without need_weights runs attn_flash_fwd instead: no scores tensor at all. One warp per target
+// row, kFlashWarps rows of one sentence per block; the block stages tiles of source rows of K and V in shared
+// memory (each tile then serves all of the block's rows), and each warp keeps its row's q and the ctx accumulator
+// in registers, VPL values per lane (lane l holds channels l, l+32, ...), with an online softmax (running max and
+// sum, fp32) across tiles. Scores are fp32 dot products (CUDA cores, no tensor cores: a row's work is a
+// matrix-vector product, too thin for an MMA tile when Tt is small as in decoding).
+//
 // No torch headers here (one .cu including torch/extension.h costs ~2 minutes of nvcc per arch on the CI machine).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "conv_attention.h"
@@ -99,6 +107,94 @@ __global__ void softmax_bwd_kernel(T* __restrict__ scores, T* __restrict__ dpt, 
   }
 }
 
+constexpr int kFlashWarps = 8;          // target rows per block
+constexpr int kFlashSmemBytes = 48 * 1024;  // K and V tiles; the default per-block limit, no opt-in needed
+
+template <typename T, typename A, int VPL>
+__global__ void flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ keys, const T* __restrict__ values,
+                                 const bool* __restrict__ mask, const A* __restrict__ sigma, T* __restrict__ ctx,
+                                 A* __restrict__ lse, AttnSizes s, int tile) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* k_tile = reinterpret_cast<T*>(smem_raw);     // (tile, E)
+  T* v_tile = k_tile + int64_t(tile) * s.E;       // (tile, E)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t b = blockIdx.y;
+  const int64_t t = int64_t(blockIdx.x) * kFlashWarps + warp;
+  const bool active = t < s.Tt;                   // inactive warps still help load tiles and reach the barriers
+  const int64_t E = s.E;
+  const A neg_inf = -INFINITY;
+  A qr[VPL], acc[VPL];
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    const int64_t e = lane + 32 * i;
+    qr[i] = (active && e < E) ? A(load(q + (b * s.Tt + t) * E + e)) : A(0);
+    acc[i] = 0;
+  }
+  A m = neg_inf, l = 0;
+  const T* k_b = keys + b * s.Ts * E;
+  const T* v_b = values + b * s.Ts * E;
+  for (int64_t j0 = 0; j0 < s.Ts; j0 += tile) {
+    const int64_t n = min(int64_t(tile), s.Ts - j0);
+    __syncthreads();  // the previous tile is consumed
+    for (int64_t idx = threadIdx.x; idx < n * E; idx += blockDim.x) {
+      k_tile[idx] = k_b[j0 * E + idx];
+      v_tile[idx] = v_b[j0 * E + idx];
+    }
+    __syncthreads();
+    if (!active) continue;
+    for (int64_t jj = 0; jj < n; ++jj) {
+      if (mask && mask[b * s.Ts + j0 + jj]) continue;  // the same for the whole warp
+      A dot = 0;
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+        const int64_t e = lane + 32 * i;
+        if (e < E) dot += qr[i] * A(load(k_tile + jj * E + e));
+      }
+      const A score = warp_sum(dot);
+      const A m_new = fmax(m, score);
+      const A corr = exp_acc(m - m_new);  // 0 while m is -inf (no real position seen yet)
+      const A p = exp_acc(score - m_new);
+      l = l * corr + p;
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+        const int64_t e = lane + 32 * i;
+        acc[i] = acc[i] * corr + (e < E ? p * A(load(v_tile + jj * E + e)) : A(0));
+      }
+      m = m_new;
+    }
+  }
+  if (!active) return;
+  const A scale = l > 0 ? sigma[b] / l : A(0);
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    const int64_t e = lane + 32 * i;
+    if (e < E) store(ctx + (b * s.Tt + t) * E + e, acc[i] * scale);
+  }
+  if (lane == 0) lse[b * s.Tt + t] = l > 0 ? m + log_acc(l) : neg_inf;
+}
+
+template <typename T, typename A>
+bool launch_flash(const void* q, const void* keys, const void* values, const bool* mask, const void* sigma,
+                  void* ctx, void* lse, const AttnSizes& s, cudaStream_t st) {
+  if (s.E > kFlashMaxE || s.B > 65535) return false;
+  const int64_t row_bytes = 2 * s.E * int64_t(sizeof(T));  // one source row of K and of V
+  const int tile = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(64, kFlashSmemBytes / row_bytes)));
+  const dim3 grid(static_cast<unsigned>((s.Tt + kFlashWarps - 1) / kFlashWarps), static_cast<unsigned>(s.B));
+  const size_t smem = size_t(tile) * row_bytes;
+  const int vpl = static_cast<int>((s.E + 31) / 32);
+  auto go = [&](auto kernel) {
+    kernel<<<grid, 32 * kFlashWarps, smem, st>>>(static_cast<const T*>(q), static_cast<const T*>(keys),
+                                                 static_cast<const T*>(values), mask, static_cast<const A*>(sigma),
+                                                 static_cast<T*>(ctx), static_cast<A*>(lse), s, tile);
+  };
+  // Registers per lane grow with VPL; instantiate a few sizes instead of one for the largest E.
+  if (vpl <= 4) go(flash_fwd_kernel<T, A, 4>);
+  else if (vpl <= 8) go(flash_fwd_kernel<T, A, 8>);
+  else if (vpl <= 16) go(flash_fwd_kernel<T, A, 16>);
+  else go(flash_fwd_kernel<T, A, 32>);
+  return true;
+}
+
 unsigned blocks_for(int64_t rows) { return static_cast<unsigned>((rows + kWarps - 1) / kWarps); }
 
 template <typename T, typename A>
@@ -138,6 +234,18 @@ void attn_softmax_bwd_cuda(int dtype, void* scores, void* dpt, const void* grad_
     case 2: launch_bwd<__half, float>(scores, dpt, grad_attn, lse, mask, sigma, s, st); break;
     case 3: launch_bwd<__nv_bfloat16, float>(scores, dpt, grad_attn, lse, mask, sigma, s, st); break;
   }
+}
+
+bool attn_flash_fwd_cuda(int dtype, const void* q, const void* keys, const void* values, const bool* mask,
+                         const void* sigma, void* ctx, void* lse, const AttnSizes& s, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case 0: return launch_flash<float, float>(q, keys, values, mask, sigma, ctx, lse, s, st);
+    case 1: return launch_flash<double, double>(q, keys, values, mask, sigma, ctx, lse, s, st);
+    case 2: return launch_flash<__half, float>(q, keys, values, mask, sigma, ctx, lse, s, st);
+    case 3: return launch_flash<__nv_bfloat16, float>(q, keys, values, mask, sigma, ctx, lse, s, st);
+  }
+  return false;
 }
 
 }  // namespace convs2s

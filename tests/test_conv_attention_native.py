@@ -104,6 +104,11 @@ CASES = {
     "longest_sentence_padded_too": (2, 16, 21, 16, 16, [(0, 15), (2, 11)], True, True),
     "mask_without_padding": (2, 6, 7, 9, 11, [(0, 7), (0, 7)], True, True),
     "long_source": (2, 5, 300, 12, 20, [(0, 300), (100, 233)], True, True),
+    # CUDA without need_weights runs the flash-style kernel: E = 768 (its largest register tile, ragged),
+    # E = 1100 (beyond it: the batched-GEMM path), Tt beyond one block of rows.
+    "E_768_flash": (2, 11, 70, 8, 768, [(0, 70), (3, 41)], False, False),
+    "E_1100_fallback": (2, 3, 9, 8, 1100, [(0, 9), (1, 5)], False, False),
+    "Tt_many_blocks": (2, 45, 12, 8, 40, [(0, 12), (6, 12)], False, False),
 }
 
 

@@ -32,7 +32,7 @@ try:
 except ImportError:  # run as a script
     import common  # type: ignore
 
-from convs2s.ops import available_backends, conv_attention, conv_attention_ref
+from convs2s.ops import _backend, available_backends, conv_attention_ref
 from convs2s.ops.conv_attention import source_lengths_scale
 
 SQRT_HALF = math.sqrt(0.5)
@@ -112,7 +112,7 @@ def _ref_retained(*a):
     return conv_attention_ref(*a)[0]
 
 
-def _op(impl: str, retained: bool = False):
+def _op(impl: str, device: torch.device, retained: bool = False):
     """fn(*inputs) -> out (B, Tt, C)."""
     if impl == "eager":
         return _ref
@@ -120,7 +120,12 @@ def _op(impl: str, retained: bool = False):
         return torch.compile(_ref_retained if retained else _ref, dynamic=False)  # static: its best case
     if impl == "sdpa":
         return lambda *a: conv_attention_sdpa(*a)[0]
-    return lambda *a: conv_attention(*a, backend=impl.split("-")[0])[0]
+    # The backend's registered function, as the public op calls it after validation: eager and compile time
+    # conv_attention_ref without validation too, and the public op's check that no sentence is all padding
+    # reads the mask back to the host (a device sync per call, which would expose every microsecond of host
+    # time in these timings while eager's launches overlap the GPU work).
+    _, fn = _backend.resolve("conv_attention", impl.split("-")[0], device)
+    return lambda *a: fn(*a, False)[0]
 
 
 @contextlib.contextmanager
@@ -150,7 +155,7 @@ def _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, de
         gctx = torch.randn(B, Tt, E, device=device, dtype=dtype)
         flops, diff = 4.0 * B * Tt * Ts * E, None
     else:
-        op = _op(impl)
+        op = _op(impl, device)
         fwd = lambda: op(*args)  # noqa: E731
         grad_leaves, gctx, flops = leaves, gout, flops_fwd
         try:
@@ -164,7 +169,7 @@ def _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, de
         # backward twice, which the "bwd" timing does: its graph is compiled without them (a difference in
         # memory only, the same kernels run), the fwd and fwd+bwd rows keep the default.
         from torch._functorch import config
-        op_retained = _op(impl, retained=True)
+        op_retained = _op(impl, device, retained=True)
         with config.patch(donated_buffer=False):
             out = op_retained(*args)
             torch.autograd.grad(out, grad_leaves, gctx, retain_graph=True)

@@ -1,10 +1,15 @@
-// CPU kernels of glu_conv: the fused GLU epilogue and the fused GLU-gradient prologue (see glu_conv.h for the
-// layout). Rows are split across threads with at::parallel_for; within a row the loops over channels vectorize.
+// CPU kernels of glu_conv (see glu_conv.h): im2col and col2im around the GEMMs, the fused GLU epilogue and the fused
+// GLU-gradient prologue. Rows (b, t) are split across threads with at::parallel_for; within a row the loops over
+// channels vectorize.
 #include "glu_conv.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
 
 #include "cpu_math.h"
 
@@ -22,9 +27,8 @@ void epilogue_rows(const scalar_t* h, const scalar_t* bias, const scalar_t* resi
   const acc_t scale = static_cast<acc_t>(s.scale);
   at::parallel_for(0, s.B * s.T, grain_rows(3 * C), [&](int64_t begin, int64_t end) {
     for (int64_t bt = begin; bt < end; ++bt) {
-      const int64_t b = bt / s.T, t = bt % s.T;
-      const scalar_t* h_lin = h + (b * s.L + t) * 2 * C;   // the GLU's linear half
-      const scalar_t* h_gate = h_lin + C;                   // and its gate half
+      const scalar_t* h_lin = h + bt * 2 * C;   // the GLU's linear half
+      const scalar_t* h_gate = h_lin + C;       // and its gate half
       const scalar_t* res = HAS_RES ? residual + bt * C : nullptr;
       scalar_t* out = y + bt * C;
       for (int64_t c = 0; c < C; ++c) {
@@ -47,21 +51,15 @@ void prologue_rows(const scalar_t* grad_y, const scalar_t* h, const scalar_t* bi
                    scalar_t* grad_residual, const GluConvSizes& s) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t C = s.C_out;
-  const int64_t rows = s.B * s.L - (s.L - s.T);
   const acc_t scale = static_cast<acc_t>(s.scale);
-  at::parallel_for(0, rows, grain_rows(5 * C), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / s.L, t = r % s.L;
-      scalar_t* d_lin = dh + r * 2 * C;
-      scalar_t* d_gate = d_lin + C;
-      if (t >= s.T) {  // a row that mixes two sentences: no output there, so no gradient
-        for (int64_t c = 0; c < 2 * C; ++c) d_lin[c] = scalar_t(0);
-        continue;
-      }
-      const scalar_t* h_lin = h + r * 2 * C;
+  at::parallel_for(0, s.B * s.T, grain_rows(5 * C), [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const scalar_t* h_lin = h + bt * 2 * C;
       const scalar_t* h_gate = h_lin + C;
-      const scalar_t* dy = grad_y + (b * s.T + t) * C;
-      scalar_t* dres = HAS_RES ? grad_residual + (b * s.T + t) * C : nullptr;
+      scalar_t* d_lin = dh + bt * 2 * C;
+      scalar_t* d_gate = d_lin + C;
+      const scalar_t* dy = grad_y + bt * C;
+      scalar_t* dres = HAS_RES ? grad_residual + bt * C : nullptr;
       for (int64_t c = 0; c < C; ++c) {
         acc_t a = static_cast<acc_t>(h_lin[c]);
         acc_t g = static_cast<acc_t>(h_gate[c]);
@@ -82,6 +80,51 @@ void prologue_rows(const scalar_t* grad_y, const scalar_t* h, const scalar_t* bi
 }  // namespace
 
 template <typename scalar_t>
+void glu_conv_im2col_cpu(const scalar_t* x, scalar_t* xcol, const GluConvSizes& s) {
+  const int64_t C = s.C_in;
+  at::parallel_for(0, s.B * s.T, grain_rows(s.k * C), [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b = bt / s.T, t = bt % s.T;
+      for (int64_t j = 0; j < s.k; ++j) {
+        scalar_t* dst = xcol + (bt * s.k + j) * C;
+        const int64_t ts = t + j - s.pad_left;
+        if (ts < 0 || ts >= s.T) {
+          std::fill(dst, dst + C, scalar_t(0));
+          continue;
+        }
+        const scalar_t* src = x + b * s.sx_b + ts * s.sx_t;
+        if (s.sx_c == 1) {
+          std::memcpy(dst, src, C * sizeof(scalar_t));
+        } else {
+          for (int64_t c = 0; c < C; ++c) dst[c] = src[c * s.sx_c];
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void glu_conv_col2im_cpu(const scalar_t* dcol, scalar_t* dx, const GluConvSizes& s) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t C = s.C_in;
+  at::parallel_for(0, s.B * s.T, grain_rows(s.k * C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(C);  // k taps summed once in acc_t: one rounding for half/bfloat16
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b = bt / s.T, t = bt % s.T;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t j = 0; j < s.k; ++j) {
+        const int64_t tr = t + s.pad_left - j;  // the output row whose tap j read x[b, t]
+        if (tr < 0 || tr >= s.T) continue;
+        const scalar_t* src = dcol + ((b * s.T + tr) * s.k + j) * C;
+        for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(src[c]);
+      }
+      scalar_t* dst = dx + bt * C;
+      for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
+    }
+  });
+}
+
+template <typename scalar_t>
 void glu_conv_epilogue_cpu(const scalar_t* h, const scalar_t* bias, const scalar_t* residual, scalar_t* y,
                            const GluConvSizes& s) {
   if (bias && residual) epilogue_rows<scalar_t, true, true>(h, bias, residual, y, s);
@@ -100,6 +143,8 @@ void glu_conv_prologue_cpu(const scalar_t* grad_y, const scalar_t* h, const scal
 }
 
 #define CONVS2S_INSTANTIATE(T)                                                                              \
+  template void glu_conv_im2col_cpu<T>(const T*, T*, const GluConvSizes&);                                  \
+  template void glu_conv_col2im_cpu<T>(const T*, T*, const GluConvSizes&);                                  \
   template void glu_conv_epilogue_cpu<T>(const T*, const T*, const T*, T*, const GluConvSizes&);             \
   template void glu_conv_prologue_cpu<T>(const T*, const T*, const T*, T*, T*, const GluConvSizes&);
 CONVS2S_INSTANTIATE(float)

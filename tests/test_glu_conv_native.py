@@ -212,11 +212,11 @@ def test_bad_inputs_reach_cpp_checks(args, match):
 
 def test_bad_saved_tensor_in_backward():
     x, w = torch.randn(2, 5, 3), torch.randn(3, 3, 8)
-    with pytest.raises(RuntimeError, match=r"h must be the contiguous .* \(12, 8\) tensor saved by the forward"):
-        torch.ops.convs2s.glu_conv_native_bwd(torch.randn(2, 5, 4), x, w, None, torch.randn(10, 8), False, False,
+    with pytest.raises(RuntimeError, match=r"h must be the contiguous \(B\*T, 2\*C_out\) = \(10, 8\) tensor saved"):
+        torch.ops.convs2s.glu_conv_native_bwd(torch.randn(2, 5, 4), x, w, None, torch.randn(12, 8), False, False,
                                               [True, True, False, False])
     with pytest.raises(RuntimeError, match=r"grad_y must be \(B, T, C_out\) = \(2, 5, 4\)"):
-        torch.ops.convs2s.glu_conv_native_bwd(torch.randn(2, 5, 3), x, w, None, torch.randn(12, 8), False, False,
+        torch.ops.convs2s.glu_conv_native_bwd(torch.randn(2, 5, 3), x, w, None, torch.randn(10, 8), False, False,
                                               [True, True, False, False])
 
 

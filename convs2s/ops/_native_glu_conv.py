@@ -1,8 +1,7 @@
 """glu_conv on the native backend: the compiled extension's ops (csrc/glu_conv*.{cpp,cu}) bound to autograd.
 
     torch.ops.convs2s.glu_conv_native_fwd(x, weight, bias, residual, causal) -> (y, h)
-        y (B, T, C_out); h (B*(T+k-1) - (k-1), 2*C_out): conv(x) without the bias in the extension's padded-flat
-        row layout (row b*(T+k-1) + t is step t of sentence b), saved for the backward
+        y (B, T, C_out); h (B*T, 2*C_out): conv(x) without the bias, saved for the backward
     torch.ops.convs2s.glu_conv_native_bwd(grad_y, x, weight, bias, h, has_residual, causal, output_mask)
         -> (grad_x, grad_weight, grad_bias, grad_residual); a gradient that output_mask (x, weight, bias, residual)
         does not ask for, or that has no input (bias None, no residual), is an empty (0,) tensor
@@ -23,8 +22,8 @@ from ._backend import register
 @torch.library.register_fake("convs2s::glu_conv_native_fwd")
 def _fwd_fake(x, weight, bias, residual, causal):
     B, T, _ = x.shape
-    k, _, c2 = weight.shape
-    return x.new_empty(B, T, c2 // 2), x.new_empty(B * (T + k - 1) - (k - 1), c2)
+    c2 = weight.shape[2]
+    return x.new_empty(B, T, c2 // 2), x.new_empty(B * T, c2)
 
 
 @torch.library.register_fake("convs2s::glu_conv_native_bwd")

@@ -238,6 +238,20 @@ def test_opcheck_backward(strategy):
                           (dout, None, x, k, v, None, w_in, w_out, ctx, q0, lse, root_s, None))
 
 
+def test_custom_op_path_equals_eager_path():
+    """The registered function runs an autograd.Function in eager mode and the custom op under torch.compile:
+    both must give the same values and gradients (the same kernels run)."""
+    x, te, k, v, mask, w_in, b_in, w_out, b_out = _op_args()
+    leaves = [x, te, k, v, w_in, b_in, w_out, b_out]
+    out, attn = conv_attention(x, te, k, v, mask, w_in, b_in, w_out, b_out, need_weights=True, backend="triton")
+    want = torch.autograd.grad(out.sum() + (attn * attn).sum(), leaves)
+    out2, attn2, *_ = torch.ops.convs2s.conv_attention_triton_fwd(x, te, k, v, mask, w_in, b_in, w_out, b_out, True)
+    got = torch.autograd.grad(out2.sum() + (attn2 * attn2).sum(), leaves)
+    assert torch.equal(out, out2) and torch.equal(attn, attn2)
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+
+
 def test_torch_compile_fullgraph():
     """torch.compile(fullgraph=True) traces the public op down to the custom op (aot_eager on CPU: the fake
     implementations, the autograd registration and the backward op are what is exercised)."""

@@ -102,10 +102,10 @@ gpu_tests() {
 
 sanitizer() {
   if [ $DRY = 1 ]; then
-    "$PY" bench/sanitize_cuda.py --device cpu
+    "$PY" -m bench.sanitize_cuda --device cpu
   else
-    compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" bench/sanitize_cuda.py --device cuda && \
-    compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" bench/sanitize_cuda.py --device cuda
+    compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m bench.sanitize_cuda --device cuda && \
+    compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" -m bench.sanitize_cuda --device cuda
   fi
 }
 

@@ -1,7 +1,7 @@
 """A small, fast workload for compute-sanitizer: every native-backend op, forward and backward, on a few odd
 shapes (T=1, T<k, channels not multiples of 16, padded sources), checked against the reference.
 
-    compute-sanitizer --tool memcheck python bench/sanitize_cuda.py --device cuda
+    compute-sanitizer --tool memcheck python -m bench.sanitize_cuda --device cuda
 
 Exit status 1 if a result differs from the reference (the sanitizer reports memory errors and races itself).
 """

@@ -75,6 +75,11 @@ def environment() -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    if os.environ.get("CONVS2S_COMMIT"):
+        # The GPU machine gets a copy of the working tree whose .git cannot resolve HEAD: the caller passes it.
+        env["commit"] = os.environ["CONVS2S_COMMIT"]
+        env["dirty"] = os.environ.get("CONVS2S_DIRTY", "unknown")
+        return env
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,

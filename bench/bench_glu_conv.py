@@ -56,14 +56,16 @@ def graphed(fn, device: torch.device):
     if device.type != "cuda":
         return None
     try:
+        # Warm-up and capture on one side stream: cuBLAS sets up its per-stream workspace on first use, which a
+        # capture forbids (on the H200 the first backward captured on a fresh stream failed that way).
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):               # warm-up off the default stream, as capture requires
+        with torch.cuda.stream(side):
             for _ in range(2):
                 fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             fn()
         torch.cuda.synchronize()
         return graph.replay

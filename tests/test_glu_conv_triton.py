@@ -205,6 +205,54 @@ def test_recompute_pre_glu_matches_saved(monkeypatch):
         assert torch.equal(a, c)
 
 
+def check_tail_window(B, T, c_in, c_out, k, window, device, dtype):
+    """Non-causal glu_conv on a long input whose upstream gradient is zero except in the last `window` steps.
+
+    Then every output and gradient there (and dweight, dbias, which sum only over nonzero dh) equals the op on the
+    window plus (k-1)//2 steps of left context, so a window-sized fp64 reference checks a tensor of any size.
+    """
+    pad = (k - 1) // 2
+    s = T - window                                        # first step with a nonzero upstream gradient
+    x = torch.randn(B, T, c_in, device=device, dtype=dtype)
+    w = (torch.randn(k, c_in, 2 * c_out, device=device) / math.sqrt(k * c_in)).to(dtype)
+    b = torch.randn(2 * c_out, device=device, dtype=dtype)
+    r = torch.randn(B, T, c_out, device=device, dtype=dtype)
+    dy = torch.zeros(B, T, c_out, device=device, dtype=dtype)
+    dy[:, s:] = torch.randn(B, window, c_out, device=device, dtype=dtype)
+    leaves = [t.requires_grad_() for t in (x, w, b, r)]
+    y = glu_conv(*leaves, backend="triton")
+    y.backward(dy)
+    got = [y.detach()[:, s:], x.grad[:, s - pad:], w.grad, b.grad, r.grad[:, s:]]
+    del y
+
+    def window_op(dt):
+        # The window with `pad` steps of left context; outputs before s are dropped (their left padding differs).
+        xs, rs = x.detach()[:, s - pad:].to(dt), r.detach()[:, s - pad:].to(dt)
+        ws, bs = w.detach().to(dt), b.detach().to(dt)
+        dys = torch.cat([torch.zeros_like(dy[:, :pad]), dy[:, s:]], dim=1).to(dt)
+        outs, grads = forward_backward(lambda *a: glu_conv_ref(*a), (xs, ws, bs, rs), dys)
+        return [outs[:, pad:], grads[0], grads[1], grads[2], grads[3][:, pad:]]
+
+    for name, f, lo, hi in zip(("y", "dx", "dweight", "dbias", "dresidual"), got, window_op(dtype),
+                               window_op(torch.float64)):
+        assert_close_rule(name, f, lo, hi, dtype)
+
+
+def test_tail_window_check_small():
+    # The window construction of the int64 test below, at a size the interpreter runs.
+    check_tail_window(2, 300, 24, 20, 3, 9, _device(), torch.float32)
+
+
+@pytest.mark.parametrize("device", [on("cuda")])
+def test_int64_offsets_cuda(device):
+    # x and h hold more than 2**31 elements (4.4 GB each in bf16; ~25 GB in all with the gradients).
+    if torch.cuda.get_device_properties(0).total_memory < 48 * 2**30:
+        pytest.skip("needs a GPU with >= 48 GiB")
+    B, T, c_in, c_out = 2, 8_500_000, 128, 64
+    assert B * T * c_in > 2**31 and B * T * 2 * c_out > 2**31
+    check_tail_window(B, T, c_in, c_out, 3, 16, device, torch.bfloat16)
+
+
 def test_only_requested_gradients():
     x, w, b, r, dy = make_inputs(2, 7, 16, 16, 3, bias=True, residual=True, dtype=torch.float32,
                                  device=_device(), sliced=False)

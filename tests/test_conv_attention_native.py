@@ -180,6 +180,22 @@ def test_non_contiguous_inputs(device):
         assert_close_rule("d" + name, g, gl[name], g64[name], torch.float32)
 
 
+def test_only_the_weights_reach_the_loss():
+    # grad_out is None in the backward (gradients are not materialized): the softmax gradient alone flows back.
+    t = make_inputs(2, 6, 9, 8, 10)
+    mask = mask_from(9, [(0, 9), (2, 7)])
+    leaves = {n: v.detach().clone().requires_grad_() for n, v in t.items()}
+    _, attn = conv_attention(*args(leaves, mask), need_weights=True, backend="native")
+    gattn = torch.randn_like(attn)
+    names = ["x", "target_embedding", "encoder_keys", "w_in", "b_in"]  # w_out, b_out, values do not reach attn
+    got = torch.autograd.grad((attn * gattn).sum(), [leaves[n] for n in names])
+    ref_leaves = {n: v.detach().clone().requires_grad_() for n, v in t.items()}
+    _, attn_ref = conv_attention_ref(*args(ref_leaves, mask), need_weights=True)
+    want = torch.autograd.grad((attn_ref * gattn).sum(), [ref_leaves[n] for n in names])
+    for n, a, e in zip(names, got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=n)
+
+
 def test_auto_picks_native_on_cpu():
     t = make_inputs(2, 3, 4, 5, 6)
     a = conv_attention(*args(t, None))

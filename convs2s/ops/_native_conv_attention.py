@@ -49,12 +49,17 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(q, context, lse)
     if not need_weights:
         ctx.mark_non_differentiable(attn)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for q, ctx, lse or unused weights
     ctx.save_for_backward(x, encoder_keys, encoder_values, src_padding_mask, w_in, w_out, q, context, lse)
     ctx.need_weights = need_weights
 
 
 def _backward(ctx, grad_out, grad_attn, _grad_q, _grad_ctx, _grad_lse):
     x, encoder_keys, encoder_values, src_padding_mask, w_in, w_out, q, context, lse = ctx.saved_tensors
+    if grad_attn is None and grad_out is None:
+        return (None,) * 10
+    if grad_out is None:  # only the attention weights reach the loss
+        grad_out = torch.zeros_like(x)
     grads = torch.ops.convs2s.conv_attention_native_bwd(
         grad_out, grad_attn if ctx.need_weights else None, x, encoder_keys, encoder_values, src_padding_mask,
         w_in, w_out, q, context, lse)

@@ -39,6 +39,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, causal = inputs
     _, h = output
     ctx.mark_non_differentiable(h)
+    ctx.set_materialize_grads(False)  # else autograd fills a zero gradient for h, (B*T, 2*C_out), every backward
     ctx.save_for_backward(x, weight, bias, h)
     ctx.has_residual = residual is not None
     ctx.causal = causal
@@ -46,6 +47,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_h):
     x, weight, bias, h = ctx.saved_tensors
+    if grad_y is None:
+        return None, None, None, None, None
     need = ctx.needs_input_grad
     mask = [need[0], need[1], bias is not None and need[2], ctx.has_residual and need[3]]
     grad_x, grad_w, grad_b, grad_res = torch.ops.convs2s.glu_conv_native_bwd(

@@ -253,7 +253,8 @@ def train(args: TrainArgs) -> TrainResult:
     if args.deterministic:
         # cuBLAS needs a fixed workspace for deterministic results (set before the first CUDA matmul).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        # On CUDA an op without a deterministic kernel warns instead of stopping a long run.
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     save_dir = Path(args.save_dir)
     if d.main:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +268,8 @@ def train(args: TrainArgs) -> TrainResult:
         saved = ckpt["args"]
         # The run's identity comes from the checkpoint; limits, logging and devices from this command line.
         keep = {"max_epochs", "max_updates", "max_minutes", "resume", "save_dir", "device", "backend", "data",
-                "metrics_json", "progress", "log_interval", "save_interval_updates", "val_bleu_sentences"}
+                "metrics_json", "progress", "log_interval", "save_interval_updates", "val_bleu_sentences",
+                "num_threads"}
         args = dataclasses.replace(args, **{k: v for k, v in saved.items()
                                            if k not in keep and k in TrainArgs.__dataclass_fields__})
     preset = args.preset

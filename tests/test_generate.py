@@ -335,6 +335,20 @@ def test_bad_arguments_and_training_mode():
     assert model.training
 
 
+def test_frozen_weights_are_cached_until_a_parameter_changes():
+    model = model_for("tiny", torch.float64)
+    first = freeze(model.decoder)
+    assert freeze(model.decoder) is first
+    src, tgt = source([4]), torch.tensor([[BOS, 5]])
+    with torch.no_grad():
+        model.decoder.convolutions[1].weight_v.mul_(1.5)          # in place, as an optimizer step
+        model.decoder.fc3.bias.add_(0.25)
+        full = model(src, None, tgt)
+    assert freeze(model.decoder) is not first
+    steps = step_through(model, src, tgt, [2])
+    torch.testing.assert_close(steps[0], full[0], rtol=0, atol=1e-10)
+
+
 def test_plot_attention_writes_png(tmp_path):
     from convs2s.plot import plot_attention
     att = torch.softmax(torch.randn(3, 4, 5), dim=-1)

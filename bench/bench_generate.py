@@ -83,17 +83,18 @@ def bench_decoding(model, batches, impl: str, device, autocast, repeats: int) ->
     incremental = impl.endswith("incremental")
     with autocast():
         decode_all(model, batches[:1], beam, incremental)            # warm-up: lazy init, kernel compilation
-        times = []
+        times, cpu_times = [], []
         for _ in range(repeats):
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             tokens = decode_all(model, batches, beam, incremental)
             _sync(device)
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     n = sum(src.shape[0] for src, _ in batches)
     wall = statistics.median(times)
     return {"impl": impl, "beam": beam, "sentences": n, "wall_s": wall, "wall_s_min": min(times),
-            "sentences_per_s": n / wall, "target_tokens_per_s": tokens / wall}
+            "cpu_s": statistics.median(cpu_times), "sentences_per_s": n / wall, "target_tokens_per_s": tokens / wall}
 
 
 def step_micro(device, dtype, rows: int, backends) -> list[dict]:
@@ -154,6 +155,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
                     help="bf16 = autocast, as convs2s.generate does on CUDA (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--repeats", type=int, default=None, help="timed passes (default CUDA 3, CPU 1)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default torch's); 1 on a shared machine, where process CPU time "
+                         "(cpu_s) is then the robust measure")
     ap.add_argument("--no-step-micro", dest="step_micro", action="store_false")
     ap.add_argument("--quick", action="store_true", help="a dry run: few sentences on CPU, full recompute on 200 on CUDA")
     ap.add_argument("--out", default=None, help="JSON output path")
@@ -166,6 +170,8 @@ def main(argv=None) -> list[dict]:
                                                             (8 if args.quick else 64)))
     batch_sentences = args.batch_sentences or (1000 if cuda else 64)
     repeats = args.repeats or (3 if cuda else 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model = ConvS2S.from_preset(args.preset, args.vocab, args.vocab, backend=args.backend).to(device).eval()
@@ -180,7 +186,7 @@ def main(argv=None) -> list[dict]:
         batches = make_batches(src_len[:n], tgt_len[:n], args.vocab, batch_sentences, device)
         r = bench_decoding(model, batches, impl, device, autocast, repeats)
         r.update(op="generate", preset=args.preset, backend=resolved, dtype=dtype, batch_sentences=batch_sentences,
-                 shape=f"{n} flickr-like sentences, src {src_len[:n].float().mean():.1f} tgt "
+                 threads=torch.get_num_threads(), shape=f"{n} flickr-like sentences, src {src_len[:n].float().mean():.1f} tgt "
                        f"{tgt_len[:n].float().mean():.1f} tokens (forced), vocab {args.vocab}")
         rows.append(r)
         print(f"{impl:>20}: {r['sentences_per_s']:8.1f} sentences/s  ({n} sentences in {r['wall_s']:.2f} s)")
@@ -193,13 +199,16 @@ def main(argv=None) -> list[dict]:
                                batch_sentences, device)
         same = bench_decoding(model, batches, f"{search}-incremental", device, autocast, repeats)
         full["speedup_incremental_vs_full"] = full["wall_s"] / same["wall_s"]
+        full["cpu_speedup_incremental_vs_full"] = full["cpu_s"] / same["cpu_s"]
         print(f"{search}: incremental {same['wall_s']:.2f} s vs full recompute {full['wall_s']:.2f} s on the same "
-              f"{full['sentences']} sentences: {full['speedup_incremental_vs_full']:.1f}x")
+              f"{full['sentences']} sentences: {full['speedup_incremental_vs_full']:.1f}x wall, "
+              f"{full['cpu_speedup_incremental_vs_full']:.1f}x process CPU time")
     if args.step_micro:
         micro_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         rows += step_micro(device, micro_dtype, 5000 if cuda else 64, step_backends(device))
-    common.print_table(rows, ["op", "impl", "backend", "sentences", "wall_s", "sentences_per_s",
-                              "speedup_incremental_vs_full", "ms", "ms_p20", "ms_p80"])
+    common.print_table(rows, ["op", "impl", "backend", "sentences", "wall_s", "cpu_s", "sentences_per_s",
+                              "speedup_incremental_vs_full", "cpu_speedup_incremental_vs_full", "ms", "ms_p20",
+                              "ms_p80"])
     if args.out:
         common.write_json(args.out, "generate", rows, quick=args.quick, preset=args.preset, dtype=dtype,
                           forced_lengths=True)

@@ -161,7 +161,8 @@ def _fwd_kernel(
     if STORE_Y:
         y = acc_a * tl.sigmoid(acc_g)
         if HAS_RES:
-            r_ptrs = res_ptr + b[:, None] * stride_rb + t.to(tl.int64)[:, None] * stride_rt + offs_n64[None, :] * stride_rc
+            r_ptrs = (res_ptr + b[:, None] * stride_rb + t.to(tl.int64)[:, None] * stride_rt
+                      + offs_n64[None, :] * stride_rc)
             y = (y + tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)) * _SQRT_HALF
         tl.store(y_ptr + rows[:, None] * C_out + offs_n64[None, :], y.to(y_ptr.dtype.element_ty), mask=out_mask)
 
@@ -412,6 +413,8 @@ def glu_conv_bwd(dy, x, weight, bias, h, has_residual: bool, causal: bool, *, ne
     with _device_guard(x):
         dh = torch.empty(B, T, 2 * C_out, device=x.device, dtype=x.dtype)
         dres = torch.empty(B, T, C_out, device=x.device, dtype=x.dtype) if need_dres else None
+        # An elementwise pass (memory-bound): 32 x 128 tiles, 4 warps (32 elements per thread per tensor); the db
+        # partials get one row per 32 positions (1 MiB of fp32 at M = 8192, 2*C_out = 1024).
         bm = 32
         bn = 32 if INTERPRET else 128
         dbp = torch.empty(triton.cdiv(M, bm), 2 * C_out, device=x.device, dtype=torch.float32) if need_db else None
@@ -441,8 +444,8 @@ def glu_conv_bwd(dy, x, weight, bias, h, has_residual: bool, causal: bool, *, ne
             else:
                 out = torch.empty(split, k, C_in, 2 * C_out, device=x.device, dtype=torch.float32)
                 out_strides = out.stride()
-            grid = lambda META: (triton.cdiv(C_in, META["BLOCK_M"]) * triton.cdiv(2 * C_out, META["BLOCK_N"]),  # noqa: E731
-                                 k, split)
+            grid = lambda META: (  # noqa: E731
+                triton.cdiv(C_in, META["BLOCK_M"]) * triton.cdiv(2 * C_out, META["BLOCK_N"]), k, split)
             _dw_kernel[grid](
                 x, dh, out, M, T, C_in, C_out, triton.next_power_of_2(M), rows,
                 *x.stride(), *out_strides,

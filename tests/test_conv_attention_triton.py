@@ -270,6 +270,54 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+_SM90_COMPILE = """
+import os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from convs2s.kernels import conv_attention as k
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+fp32 = ("lse_ptr", "rs_ptr", "delta_ptr", "dextra_ptr")
+for name, configs in (("_fwd_kernel", k._FWD_CONFIGS), ("_bwd_ds_kernel", k._DS_CONFIGS),
+                      ("_bwd_dq_kernel", k._DQ_CONFIGS), ("_bwd_dkdv_kernel", k._DKDV_CONFIGS)):
+  fn, cfg = getattr(k, name), configs[0]
+  for optional in (True, False):  # weights / dL/dp on (compiles?), off (the training path: spills?)
+    flags = dict(QK_SCALE=k.QK_SCALE_LOG2, Q_SCALE=k.SQRT_HALF, HAS_MASK=True, HAS_DA=optional,
+                 NEED_WEIGHTS=optional, DOT_PRECISION="tf32", **cfg.kwargs)
+    sig = {n: "constexpr" if n in flags else "*fp32" if n in fp32 else "*u8" if n == "mask_ptr"
+           else "*bf16" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
+    const = {n: flags[n] for n in fn.arg_names if n in flags}
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    if optional:
+        continue
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    print(name, cfg, " ".join(re.findall(r"(?:REG|STACK):\\d+", usage)))
+"""
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """Compile each kernel's first GPU config in bf16 for sm_90 with triton's own ptxas, no GPU needed: with the
+    optional inputs (weights, dL/dp) on, it must compile (the interpreter accepts what the GPU compiler may not:
+    tl.dot tiles < 16, layout errors); with them off (the training path) it must not spill registers. In a
+    subprocess: triton cannot compile in a process that imported it with TRITON_INTERPRET=1."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    print(r.stdout, r.stderr[-3000:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 4 and all("STACK:" in line for line in lines), r.stdout
+    for line in lines:
+        assert "STACK:0" in line.split() and line.count("STACK:") == 1, f"register spills: {line}"
+
+
 # GPU: the sizes the model runs (E = 256..768, C = 512, lengths up to 1024+), bf16 included.
 CUDA_CASES = [
     (2, 1, 1, 32, 256, None),

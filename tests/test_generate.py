@@ -23,6 +23,15 @@ PAD, BOS, EOS = 1, 0, 2
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One thread: two OpenMP threads on this shared 2-core machine run several times slower (see test_cli.py).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def model_for(preset, dtype, src_vocab=30, tgt_vocab=40, backend="reference", eos_bias=0.0, **overrides):
     """A seeded random model; eos_bias raises EOS's logit so that some sentences end before their length limit."""
     torch.manual_seed(0)

@@ -15,22 +15,27 @@ Split of the work:
     ceiling. Fusing them into the attention kernel would save only the round trips of q0 and ctx
     (2 * B*Tt*E elements each, ~6 MB in bf16 at B=16, Tt=256, E=768: ~2 us at 3 TB/s) but would put a
     (BLOCK_M, C) x (C, E) product inside every program, and with E split over programs (below) it would be
-    recomputed per E-chunk. bench/bench_conv_attention.py times the attention core alone ("triton-core") so
-    the GPU run shows what share the GEMMs take.
+    recomputed per E-chunk. So this is not a flag: the fused variant would be a different kernel design.
+    bench/bench_conv_attention.py times the attention core alone ("triton-core") so a GPU run shows what share
+    the GEMMs take.
   - The attention core is flash-attention style: one pass over the source per (target tile, sentence,
     E-chunk), online softmax in fp32 (exp2, log2-domain statistics), no (B, Tt, Ts) tensor unless need_weights.
-  - Backward recomputes p from the saved per-row log-sum-exp: one kernel per (target tile, sentence, E-chunk)
-    for dq (it also writes delta = rowsum(dctx * ctx)), one per (source tile, sentence, E-chunk) for dK and dV
-    that iterates over target tiles: deterministic, no atomics.
+  - Backward recomputes p from the saved per-row log-sum-exp (never from a saved p), with two strategies
+    (BACKWARD below), both deterministic (no atomics):
+      "materialize": one GEMM-like kernel per (source tile, target tile, sentence) writes sqrt(s) * p and dS,
+        then three cuBLAS batched GEMMs give dV, dK and dq0; two transient (B, Tt, Ts) tensors.
+      "flash": one kernel per (target tile, sentence, E-chunk) for dq (it also writes delta = rowsum(dctx *
+        ctx)), one per (source tile, sentence, E-chunk) for dK and dV that iterates over target tiles; memory
+        O(B * (Tt + Ts) * E), but the scores and dP are recomputed once per E-chunk.
 
 E up to 768 and not a power of two (300): E is split into BLOCK_EO-wide chunks across programs for everything
 that has E as its *output* dimension (ctx, dq, dK, dV accumulators), and looped over in BLOCK_EK-wide chunks for
 the contractions over E (scores q0 @ K.T, dP = dctx @ V.T). A padded power-of-two E block instead would need
 (BLOCK_M, 1024) fp32 accumulators for E = 768 (256 KB at BLOCK_M = 64: the whole register file of an SM, twice
 over in the dK/dV kernel) and would waste 25-70 % of the MMA work on padding for E = 768 / 300. The price is
-that the scores (and dP in backward) are recomputed once per E-chunk; BLOCK_EO is autotuned (128 or 256), so
-E = 256 runs in one chunk. Splitting E also multiplies the grid, which the small shape (B = 64, Tt = 32: 64
-target tiles) needs to fill 132 SMs.
+that the scores (and dP in the flash backward) are recomputed once per E-chunk; BLOCK_EO is autotuned (64 to
+256), so E = 256 can run in one chunk. Splitting E also multiplies the grid, which the small shape (B = 64,
+Tt = 32: 64 target tiles) needs to fill 132 SMs.
 
 Masked scores are -inf and the running max is clamped to 0 while a row has seen only padding, so padded source
 positions get exactly zero probability and exactly zero dK/dV, whether the padding is at the end, the start or

@@ -5,6 +5,8 @@ opcheck and torch.compile.
 Without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py) in fp32 and fp16 with small tiles
 (kernels/conv_attention.py INTERPRET_CONFIG: 16-wide, so the shapes below span several target tiles, source
 tiles and E-chunks, with ragged last tiles). bf16 runs on the GPU only: the interpreter's bf16 tl.dot is broken.
+On a GPU every test runs on CUDA tensors; CONVS2S_TRITON_AUTOTUNE=0 skips autotuning (each new shape would
+otherwise compile and time every config) and pytest-xdist (-n 16) spreads the compilations.
 """
 
 import math

@@ -105,7 +105,8 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     # -fopenmp: at::parallel_for is inline in ATen's headers; without it the CPU kernels would run on one thread.
-    cxx = ["-O3"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
+    # -fno-trapping-math (as torch itself is built): without it gcc does not vectorize the kernels' exp loops.
+    cxx = ["-O3", "-fno-trapping-math", "-fno-math-errno"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
     if with_cuda:
         ext = CUDAExtension(
             "convs2s._C", cpp + cu, include_dirs=_pip_cuda_includes(),

@@ -38,10 +38,9 @@ void attn_softmax_fwd_cpu(scalar_t* scores, acc_t* lse, scalar_t* attn, const bo
       }
       acc_t sum = 0;
       if (m != neg_inf) {
-        for (int64_t j = 0; j < Ts; ++j) {
-          e[j] = (pad && pad[j]) ? acc_t(0) : exp_fast(e[j] - m);
-          sum += e[j];
-        }
+        // Two loops: the first vectorizes; a sum in it would not (fp adds may not be reordered without -ffast-math).
+        for (int64_t j = 0; j < Ts; ++j) e[j] = (pad && pad[j]) ? acc_t(0) : exp_fast(e[j] - m);
+        for (int64_t j = 0; j < Ts; ++j) sum += e[j];
       }
       const acc_t inv = sum > 0 ? acc_t(1) / sum : acc_t(0);
       lse[r] = sum > 0 ? m + std::log(sum) : neg_inf;
@@ -69,13 +68,13 @@ void attn_softmax_bwd_cpu(scalar_t* scores, scalar_t* dpt, const scalar_t* grad_
       scalar_t* drow = dpt + r * Ts;
       const scalar_t* ga = grad_attn ? grad_attn + r * Ts : nullptr;
       const acc_t l = lse[r], sg = sigma[b];
-      acc_t dot = 0;
       for (int64_t j = 0; j < Ts; ++j) {
         const bool real = !(pad && pad[j]);
         p[j] = real ? exp_fast(static_cast<acc_t>(row[j]) - l) : acc_t(0);
         dp[j] = sg * static_cast<acc_t>(drow[j]) + (ga ? static_cast<acc_t>(ga[j]) : acc_t(0));
-        dot += p[j] * dp[j];
       }
+      acc_t dot = 0;
+      for (int64_t j = 0; j < Ts; ++j) dot += p[j] * dp[j];
       for (int64_t j = 0; j < Ts; ++j) {
         row[j] = static_cast<scalar_t>(sg * p[j]);
         drow[j] = static_cast<scalar_t>(p[j] * (dp[j] - dot));

@@ -13,7 +13,8 @@ namespace convs2s {
 inline float exp_approx(float x) {
   x = x < 88.3762626647949f ? x : 88.3762626647949f;    // exp overflows float above this
   x = x > -87.3365447504f ? x : -87.3365447504f;        // and is denormal below (the result is then ~1e-38)
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);    // round(x / ln 2)
+  // round(x / ln 2) by the 1.5 * 2^23 trick: floor/nearbyint do not vectorize on baseline x86-64 (no SSE4.1)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;      // x - n ln 2, ln 2 split into hi and lo parts
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;

@@ -1,6 +1,6 @@
 """The benchmark suite: every op- and model-level benchmark for the backends this machine has.
 
-    python -m bench.run [--device cuda|cpu] [--quick] [--out DIR] [--only glu_conv conv_attention train generate]
+    python -m bench.run [--device cuda|cpu] [--quick] [--out DIR] [--only glu_conv conv_attention train generate table3]
 
 Writes one JSON per benchmark into DIR (default bench/out/<device>/), plus suite.json with the measured ceilings
 (GEMM rate, copy bandwidth) and every row, and speedups.png (speedup over eager per benchmark row, matplotlib).
@@ -28,7 +28,9 @@ BENCHES = {
     "conv_attention": "bench_conv_attention",
     "train": "bench_train",
     "generate": "bench_generate",
+    "table3": "bench_table3",   # the paper's Table 3 (minutes on a GPU): only when asked for with --only
 }
+DEFAULT = ["glu_conv", "conv_attention", "train", "generate"]
 
 
 def ceilings(device: torch.device, quick: bool) -> dict:
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small shapes: the whole suite in about 2 minutes")
     ap.add_argument("--out", default=None, help="output folder")
-    ap.add_argument("--only", nargs="+", choices=list(BENCHES), default=list(BENCHES))
+    ap.add_argument("--only", nargs="+", choices=list(BENCHES), default=DEFAULT)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", device.type)

@@ -217,6 +217,12 @@ def test_weights_requested_but_unused_in_loss(strategy):
     check_against_reference(t, mask, torch.float32, need_weights=True, attn_in_loss=False)
 
 
+def test_float64_is_refused():
+    t, mask = make_inputs(1, 3, 4, 8, 16, None)
+    with pytest.raises(TypeError, match="float32, torch.float16, torch.bfloat16; got torch.float64"):
+        conv_attention(*_args({n: v.to(DEVICE) for n, v in t.items()}, mask), backend="triton")
+
+
 def _op_args(requires_grad=True, dtype=torch.float32):
     t, mask = make_inputs(2, 5, 7, 8, 16, mask_from(7, [(0, 7), (1, 4)]))
     leaves = {n: v.to(DEVICE, dtype).requires_grad_(requires_grad) for n, v in t.items()}

@@ -25,6 +25,9 @@ from convs2s.kernels import conv_attention as _k
 from ._backend import register
 
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _forward_impl(x, *args):
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         return _k.conv_attention_forward(x, *args)
@@ -121,6 +124,10 @@ class _EagerFunction(torch.autograd.Function):
 @register("conv_attention", "triton")
 def conv_attention_triton(x, target_embedding, encoder_keys, encoder_values, src_padding_mask, w_in, b_in, w_out,
                           b_out, need_weights):
+    if x.dtype not in _DTYPES:
+        # The kernels accumulate and keep their softmax statistics in fp32: an fp64 result would be fp32-accurate.
+        raise TypeError(f"the triton backend of conv_attention runs {', '.join(map(str, _DTYPES))}; got {x.dtype} "
+                        "(backend='reference' runs any floating dtype)")
     args = (x, target_embedding, encoder_keys, encoder_values, src_padding_mask, w_in, b_in, w_out, b_out,
             need_weights)
     if torch.compiler.is_compiling():

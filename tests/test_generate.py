@@ -382,3 +382,22 @@ def test_plot_sentence_with_a_tokenizer(tmp_path):
     assert isinstance(translation, str)
     with open(out, "rb") as f:
         assert f.read(8) == PNG_SIGNATURE
+
+
+def test_bench_generate_runs_and_writes_json(tmp_path):
+    """The benchmark's machinery on a tiny model: forced lengths decode to exactly those lengths, rows and JSON."""
+    import json
+
+    from bench import bench_generate
+    src_len, tgt_len = bench_generate.flickr_like_lengths(6)
+    (src, forced), = bench_generate.make_batches(src_len, tgt_len, 50, 8, "cpu")
+    assert (src.ne(PAD).sum(1) == src_len.sort(stable=True).values).all()
+    out = tmp_path / "gen.json"
+    rows = bench_generate.main(["--device", "cpu", "--preset", "tiny", "--vocab", "50", "--sentences", "6",
+                                "--full-sentences", "3", "--impls", "greedy-incremental", "greedy-full",
+                                "--no-step-micro", "--out", str(out)])
+    assert [r["impl"] for r in rows] == ["greedy-incremental", "greedy-full"]
+    assert rows[0]["sentences"] == 6 and rows[1]["sentences"] == 3
+    assert rows[0]["sentences_per_s"] > 0 and rows[1]["speedup_incremental_vs_full"] > 0
+    assert rows[0]["target_tokens_per_s"] * rows[0]["wall_s"] == pytest.approx(int(tgt_len.sum()))
+    assert json.loads(out.read_text())["results"][0]["op"] == "generate"

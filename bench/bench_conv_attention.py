@@ -12,9 +12,20 @@ computes less).
 
 Shapes (B, Tt, Ts, C, E): B=64 Tt=Ts=32 and B=16 Tt=Ts=256, C=512, E=256 and 768; source lengths differ per
 sentence (the longest sentence fills Ts, the others are 50-100 % of it). FLOPs count the four matrix products of
-the contract, 4*B*Tt*E*(C + Ts) forward, twice that backward (recomputation inside kernels is not counted).
-Rows: op, shape, pass (fwd | bwd | fwd+bwd), impl, ms, ms_p20, ms_p80, speedup_vs_eager, peak_mem_bytes,
-tflops, max_abs_diff_vs_eager (forward output, a sanity check of each implementation).
+the contract, 4*B*Tt*E*(C + Ts) forward, twice that backward (recomputation inside kernels is not counted);
+pct_of_gemm compares with one (B*Tt, 2*(C + Ts)) @ (2*(C + Ts), E) product of the forward's FLOPs measured in
+the same run (bf16 on CUDA, the benchmark's dtype on CPU).
+
+Timing on CUDA, as bench_glu_conv.py: ms (and its quantiles) is the GPU time, each pass replayed from a CUDA
+graph, because at these sizes launching from Python costs more than the kernels (on an H200 every
+implementation's fwd+bwd took 1-2.5 ms with launches, eager's ~20 launches included); ms_with_launch times the
+same pass called from Python. An implementation that cannot be captured is timed with launches only
+(graph: false). Implementations are timed through the function each backend registers (eager: the reference),
+so the public op's argument checks, one of which reads the mask back to the host, are outside every figure.
+
+Rows: op, shape, pass (fwd | bwd | fwd+bwd), impl, ms, ms_p20, ms_p80, ms_with_launch, graph, speedup_vs_eager,
+peak_mem_bytes, tflops, pct_of_gemm, max_abs_diff_vs_eager (forward output, a sanity check of each
+implementation).
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ try:
 except ImportError:  # run as a script
     import common  # type: ignore
 
-from convs2s.ops import _backend, available_backends, conv_attention_ref
+from convs2s.ops import BackendUnavailableError, _backend, available_backends, conv_attention_ref
 from convs2s.ops.conv_attention import source_lengths_scale
 
 SQRT_HALF = math.sqrt(0.5)
@@ -142,7 +153,31 @@ def _backward_strategy(impl: str):
         k.BACKWARD = before
 
 
-def _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, device, dtype, B, Tt, Ts, E):
+def graphed(fn, device: torch.device):
+    """fn replayed from a CUDA graph (launch overhead out of the timing), or None where it cannot be captured."""
+    if device.type != "cuda":
+        return None
+    try:
+        # Warm-up and capture on one side stream: cuBLAS sets up its per-stream workspace on first use, which a
+        # capture forbids (seen on the H200 by bench_glu_conv.py).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            fn()
+        torch.cuda.synchronize()
+        return graph.replay
+    except Exception as e:
+        print(f"    (no CUDA graph: {type(e).__name__}: {e})", file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
+
+
+def _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, device, dtype, B, Tt, Ts, E, gemm):
     """Rows of one implementation on one shape (eager_ms: {pass: ms} of eager, filled when impl is eager)."""
     if impl == "triton-core":
         core = _triton_core()
@@ -161,6 +196,9 @@ def _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, de
         try:
             with torch.no_grad():
                 diff = (op(*args).float() - want).abs().max().item()
+        except (BackendUnavailableError, NotImplementedError) as e:
+            print(f"  {shape_s} {impl}: skipped ({e})", file=sys.stderr)
+            return []
         except Exception as e:  # one failing implementation must not hide the others' figures
             print(f"  {shape_s} {impl}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
             return [{"op": "conv_attention", "shape": shape_s, "impl": impl, "error": f"{type(e).__name__}: {e}"}]
@@ -186,8 +224,10 @@ def _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, de
     for pname, fn, mult in (("fwd", fwd, 1.0), ("bwd", bwd, 2.0), ("fwd+bwd", both, 3.0)):
         try:
             fn()  # warm-up: compile, autotune
-            t = common.timeit(fn, device)
+            launched = common.timeit(fn, device)
             mem = common.peak_memory(fn, device)
+            replay = graphed(fn, device)
+            t = common.timeit(replay, device) if replay is not None else launched
         except Exception as e:
             print(f"  {shape_s} {impl} {pname}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
             rows.append({"op": "conv_attention", "shape": shape_s, "pass": pname, "impl": impl,
@@ -196,11 +236,15 @@ def _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, de
         if impl == "eager":
             eager_ms[pname] = t["ms"]
         speedup = (eager_ms[pname] / t["ms"] if pname in eager_ms and impl != "triton-core" else None)
-        print(f"  {shape_s} {pname:>7} {impl:>12}: {t['ms']:.4f} ms (p20 {t['ms_p20']:.4f}, p80 {t['ms_p80']:.4f})"
-              f" speedup {speedup or float('nan'):.2f} peak {mem} B", flush=True)
+        tflops = mult * flops / (t["ms"] * 1e-3) / 1e12
         rows.append({"op": "conv_attention", "shape": shape_s, "pass": pname, "impl": impl, **t,
-                     "speedup_vs_eager": speedup, "peak_mem_bytes": mem,
-                     "tflops": mult * flops / (t["ms"] * 1e-3) / 1e12, "max_abs_diff_vs_eager": diff})
+                     "ms_with_launch": launched["ms"], "graph": replay is not None, "speedup_vs_eager": speedup,
+                     "peak_mem_bytes": mem, "tflops": tflops,
+                     "pct_of_gemm": 100.0 * tflops / gemm if impl != "triton-core" else None,
+                     "max_abs_diff_vs_eager": diff})
+        # progress, so a run cut short at its time limit still shows what it measured
+        print(f"  {shape_s} {pname:>7} {impl:>12}: {t['ms']:.4g} ms ({launched['ms']:.4g} with launches), "
+              f"speedup {speedup or float('nan'):.2f}, {tflops:.3g} TFLOP/s, peak {mem} B", file=sys.stderr)
     del out
     return rows
 
@@ -212,13 +256,17 @@ def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
     gout = torch.randn(B, Tt, C, device=device, dtype=dtype)
     flops_fwd = 4.0 * B * Tt * E * (C + Ts)
     shape_s = f"B{B} Tt{Tt} Ts{Ts} C{C} E{E}"
+    gemm_dtype = torch.bfloat16 if device.type == "cuda" else dtype     # CPUs have no fast bf16 GEMM to compare
+    gemm = common.gemm_rate(device, gemm_dtype, B * Tt, E, 2 * (C + Ts))
+    print(f"{shape_s}: {gemm_dtype} GEMM of the forward's FLOPs {gemm:.3g} TFLOP/s", file=sys.stderr)
+    torch._dynamo.reset()       # each shape compiles afresh (static shapes)
     with torch.no_grad():
         want = conv_attention_ref(*args)[0].float()
     rows, eager_ms = [], {}
     for impl in impl_list:
         with _backward_strategy(impl):
             rows += _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, device, dtype,
-                                B, Tt, Ts, E)
+                                B, Tt, Ts, E, gemm)
     return rows
 
 
@@ -237,8 +285,9 @@ def main(argv=None) -> list[dict]:
     rows = []
     for shape in (QUICK_SHAPES if args.quick else SHAPES):
         rows += bench_shape(shape, device, dtype, impl_list)
-    common.print_table(rows, ["shape", "pass", "impl", "ms", "ms_p20", "ms_p80", "speedup_vs_eager",
-                              "peak_mem_bytes", "tflops", "max_abs_diff_vs_eager"])
+    common.print_table(rows, ["shape", "pass", "impl", "ms", "ms_p20", "ms_p80", "ms_with_launch",
+                              "speedup_vs_eager", "peak_mem_bytes", "tflops", "pct_of_gemm",
+                              "max_abs_diff_vs_eager"])
     if args.out:
         common.write_json(args.out, "conv_attention", rows, dtype=str(dtype).replace("torch.", ""),
                           quick=args.quick)

@@ -517,7 +517,7 @@ MATERIALIZE_MAX_BYTES = 256 << 20
 def backward_strategy(B: int, Tt: int, Ts: int, dtype: torch.dtype) -> str:
     if BACKWARD != "auto":
         return BACKWARD
-    nbytes = 2 * B * Tt * Ts * torch.empty((), dtype=dtype).element_size()
+    nbytes = 2 * B * Tt * Ts * dtype.itemsize
     return "materialize" if nbytes <= MATERIALIZE_MAX_BYTES else "flash"
 
 

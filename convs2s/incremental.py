@@ -13,7 +13,8 @@ a step concatenates the new input, W = (B, k, C_in), and computes the conv's las
 (B, 1, k*C_in) and the TBC weight (k, C_in, 2*C_out) to (1, k*C_in, 2*C_out) turns that output into a k = 1
 glu_conv — one (B, k*C_in) @ (k*C_in, 2*C_out) product with bias, GLU and residual fused — the same sum over
 taps and channels as the full conv's last step, at 1/k of the FLOPs of running the causal conv on W and keeping
-its last step (bench/bench_generate.py --step-micro measures both). Attention is conv_attention with Tt = 1.
+its last step. Measured by bench/bench_generate.py (multi30k layer, 64 rows, fp32, one CPU thread): 6.5 ms vs
+48.7 ms on the reference backend, 6.4 ms vs 15.9 ms on native. Attention is conv_attention with Tt = 1.
 
 Inference only: the step runs in eval semantics (no dropout), with the weight-normalised weights computed once
 per state, in the compute dtype (the autocast dtype when autocast is on, else the decoder's parameter dtype).

@@ -149,6 +149,21 @@ def test_incremental_on_cuda(autocast):
     assert all(h[0].tokens.is_cuda and len(h[0].tokens) <= 9 for h in hyps)
 
 
+def test_incremental_tied_embeddings_without_attention():
+    """Config variants the presets do not cover: tied output embedding, no attention layer at all."""
+    model = model_for("tiny", torch.float64, share_decoder_input_output_embed=True, decoder_attention=False)
+    src, lengths = source([5, 3]), [4, 2]
+    tgt = torch.randint(4, 40, (2, 4))
+    tgt[:, 0] = BOS
+    with torch.no_grad():
+        full = model(src, None, tgt)
+    steps = step_through(model, src, tgt, lengths)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(steps[b], full[b, :n], rtol=0, atol=1e-10)
+    hyps = beam_search(model, src, beam=2, max_len=3, need_attention=True)
+    assert hyps[0][0].attention.shape == (0, len(hyps[0][0].tokens), 5)
+
+
 def fused_backends():
     out = []
     for b in ("triton", "native"):
@@ -316,6 +331,22 @@ def test_sentences_finish_independently_of_their_batch():
         alone = beam_search(model, src[b:b + 1, :n], beam=3, nbest=3, max_len_a=1.0, max_len_b=2)[0]
         assert [h.tokens.tolist() for h in batch[b]] == [h.tokens.tolist() for h in alone]
         assert [h.score for h in batch[b]] == pytest.approx([h.score for h in alone], abs=1e-10)
+
+
+def test_left_and_right_padded_sources_give_the_same_hypotheses():
+    model = model_for("tiny", torch.float64, tgt_vocab=12, eos_bias=0.1)
+    lengths = [6, 3, 4]
+    right = source(lengths)
+    left = torch.full_like(right, PAD)
+    for b, n in enumerate(lengths):
+        left[b, right.shape[1] - n:] = right[b, :n]
+    a = beam_search(model, right, beam=3, nbest=3, need_attention=True)
+    b = beam_search(model, left, beam=3, nbest=3, need_attention=True)
+    for ha, hb in zip(a, b):
+        assert [h.tokens.tolist() for h in ha] == [h.tokens.tolist() for h in hb]
+        for x, y in zip(ha, hb):
+            assert x.score == pytest.approx(y.score, abs=1e-10)
+            torch.testing.assert_close(x.attention, y.attention, rtol=0, atol=1e-10)
 
 
 def test_length_limits_and_forced_length():

@@ -184,8 +184,8 @@ def _search(model, src_tokens, src_lengths, K, max_len_a, max_len_b, max_len, mi
             tokens, row_max, row_min = tokens[order], row_max[order], row_min[order]
             pos_scores = None if pos_scores is None else pos_scores[order]
             attn_hist = None if attn_hist is None else attn_hist[order]
-            lprobs, attn = lprobs[order], (None if attn is None else attn[order])
-        new_pos = lprobs.gather(1, new_tok[:, None])                            # (N', 1)
+            attn = None if attn is None else attn[order]
+        new_pos = lprobs[order, new_tok][:, None]                               # (N', 1) the chosen log-probs
         tokens = torch.cat([tokens, new_tok[:, None]], dim=1)
         pos_scores = new_pos if pos_scores is None else torch.cat([pos_scores, new_pos], dim=1)
         if need_attention:

@@ -9,7 +9,9 @@
         -> (dx, dtarget_embedding, dkeys, dvalues, dw_in, db_in, dw_out, db_out)
 
 ctx, q0, lse and root_s are returned only for backward (not differentiable). Both ops are opaque to
-torch.compile, which traces them through their fake implementations (fullgraph=True works).
+torch.compile, which traces them through their fake implementations (fullgraph=True works). Eager calls run the
+same forward and backward through an autograd.Function instead (_EagerFunction: less host time per call).
+float32, float16 and bfloat16 only; the gradient of a loss on the attention weights is supported.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ opcheck and torch.compile.
 Without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py) in fp32 and fp16 with small tiles
 (kernels/conv_attention.py INTERPRET_CONFIG: 16-wide, so the shapes below span several target tiles, source
 tiles and E-chunks, with ragged last tiles). bf16 runs on the GPU only: the interpreter's bf16 tl.dot is broken.
-On a GPU every test runs on CUDA tensors; CONVS2S_TRITON_AUTOTUNE=0 skips autotuning (each new shape would
-otherwise compile and time every config) and pytest-xdist (-n 16) spreads the compilations.
+On a GPU every test runs on CUDA tensors with one config per kernel (autotuning off, see _one_config_per_kernel),
+and test_cuda_every_config runs each config; pytest-xdist (-n 16) spreads the compilations.
 """
 
 import math
@@ -23,6 +23,14 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(available_backends(DEVICE)["triton"] is not None,
                                 reason=f"triton backend unavailable: {available_backends(DEVICE)['triton']}")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+@pytest.fixture(autouse=True)
+def _one_config_per_kernel(monkeypatch):
+    """On a GPU, run each kernel's first config instead of autotuning every new shape (minutes of compilation);
+    test_cuda_every_config checks each config, so whichever the tuner picks is covered."""
+    from convs2s.kernels import conv_attention as k
+    monkeypatch.setattr(k, "AUTOTUNE", False)
+
 
 INPUTS = ("x", "target_embedding", "encoder_keys", "encoder_values", "w_in", "b_in", "w_out", "b_out")
 
@@ -334,6 +342,28 @@ CUDA_CASES = [
     (4, 1024, 37, 128, 512, [(0, 37), (5, 20), (0, 36), (36, 37)]),
     (8, 33, 64, 512, 256, [(0, 64 - i) for i in range(8)]),
 ]
+
+
+@requires_cuda
+@pytest.mark.parametrize("kernel", ["_fwd", "_bwd_ds", "_bwd_dq", "_bwd_dkdv"])
+def test_cuda_every_config(kernel, monkeypatch):
+    """Every autotune config of one kernel, each forced in turn, in bf16 on a shape with ragged tiles and E = 300
+    (several E-chunks, a partial last one)."""
+    from convs2s.kernels import conv_attention as k
+    tuner = getattr(k, kernel)
+    monkeypatch.setattr(k, "BACKWARD", "flash" if kernel in ("_bwd_dq", "_bwd_dkdv") else "materialize")
+    t, mask = make_inputs(2, 70, 45, 64, 300, mask_from(45, [(0, 45), (3, 30)]))
+    configs = list(tuner.configs)
+    try:
+        for cfg in configs:
+            print(kernel, cfg)
+            tuner.configs = [cfg]            # one config: the autotuner runs it without timing
+            tuner.cache.clear()
+            check_against_reference(t, mask, torch.bfloat16, need_weights=True, attn_in_loss=True,
+                                    device=torch.device("cuda"))
+    finally:
+        tuner.configs = configs
+        tuner.cache.clear()
 
 
 @requires_cuda

@@ -9,7 +9,8 @@ What one run does, in order:
   4. Model: a preset of convs2s.model (auto: "multi30k" on a GPU, "small" on a CPU); DDP when distributed.
   5. Updates on token-count batches (--max-tokens): label-smoothed cross-entropy (0.1) normalised by the
      number of target tokens of the whole step (all ranks), gradient-norm clip 0.1, Nesterov momentum 0.99
-     (lr 0.25) or Adam; bf16 autocast on CUDA, fp32 on CPU.
+     (lr 0.25, the paper's) or Adam (lr 5e-4, the default: it learned faster in a measured short run);
+     bf16 autocast on CUDA, fp32 on CPU.
   6. After each epoch: validation loss and greedy BLEU; lr x 0.1 when the validation loss did not improve
      (fairseq's reduce-on-plateau with lr_shrink 0.1); checkpoints `last.pt` and `best.pt` (rank 0 only).
   7. Stops at --max-epochs, --max-updates, --max-minutes, or when lr falls below --min-lr; a stop inside an
@@ -65,7 +66,8 @@ class TrainArgs:
     resume: str | None = None         # checkpoint to continue from ("" = <save_dir>/last.pt)
     backend: str = "auto"             # fused-op backend: auto | reference | triton | native
     device: str = "auto"              # auto = cuda if available, else cpu
-    optimizer: str = "nag"            # nag (SGD with Nesterov momentum) | adam
+    optimizer: str = "adam"           # adam | nag (SGD with Nesterov momentum, the paper's); adam won on
+                                      # Multi30k de-en, small preset, 115 updates: valid loss 5.17 vs 5.60
     lr: float | None = None           # None: 0.25 for nag, 5e-4 for adam
     momentum: float = 0.99
     weight_decay: float = 0.0

@@ -308,6 +308,10 @@ class ConvS2S(nn.Module):
 
     def encode(self, src_tokens: torch.Tensor) -> EncoderOut:
         _check_tokens("src_tokens", src_tokens, self.config.max_source_positions)
+        empty = src_tokens.eq(self.config.pad_idx).all(dim=1)
+        if not torch.compiler.is_compiling() and bool(empty.any()):  # one host sync per batch
+            bad = empty.nonzero().flatten().tolist()
+            raise ValueError(f"src_tokens has no real (non-padding) token in sentence(s) {bad}")
         return self.encoder(src_tokens)
 
     def forward(self, src_tokens: torch.Tensor, src_lengths: torch.Tensor | None, prev_output_tokens: torch.Tensor,

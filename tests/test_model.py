@@ -182,3 +182,10 @@ def test_unknown_preset():
 def test_bad_layer_spec():
     with pytest.raises(ValueError, match="a layer is"):
         ConvS2SConfig(src_vocab_size=3, tgt_vocab_size=3, encoder_layers=[(8, 0)])
+
+
+def test_all_padding_source_sentence_is_an_error():
+    m = tiny()
+    src = tokens(2, 4, 40, lengths=[4, 0])
+    with pytest.raises(ValueError, match=r"src_tokens has no real \(non-padding\) token in sentence\(s\) \[1\]"):
+        m(src, None, tokens(2, 3, 50))

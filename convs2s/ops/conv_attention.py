@@ -58,11 +58,20 @@ def _validate(x, target_embedding, encoder_keys, encoder_values, src_padding_mas
         check_shape("src_padding_mask", src_padding_mask, (B, Ts), "(B, Ts)")
         if src_padding_mask.device != x.device:
             raise ValueError(f"src_padding_mask is on {src_padding_mask.device} but x is on {x.device}")
-        # A host sync, but only for this check; a sentence with no real token has no defined attention.
-        if (not torch.compiler.is_compiling()) and bool(src_padding_mask.all(dim=1).any()):
-            bad = src_padding_mask.all(dim=1).nonzero().flatten().tolist()
-            raise ValueError(f"src_padding_mask marks every source position as padding for sentence(s) {bad}; "
-                             "each sentence needs at least one real source token")
+        # A sentence with no real source token has no defined attention (softmax over nothing). On CPU the check
+        # is cheap and raises a ValueError; on a GPU a host-side check would sync the device once per decoder
+        # layer and step, so it is a device-side assert there (the model checks once per batch, on the host, in
+        # ConvS2S.encode, with the readable error).
+        if not torch.compiler.is_compiling():
+            if src_padding_mask.device.type == "cpu":
+                empty = src_padding_mask.all(dim=1)
+                if bool(empty.any()):
+                    bad = empty.nonzero().flatten().tolist()
+                    raise ValueError(f"src_padding_mask marks every source position as padding for sentence(s) "
+                                     f"{bad}; each sentence needs at least one real source token")
+            else:
+                torch._assert_async(~src_padding_mask.all(dim=1).any(),
+                                    "src_padding_mask marks every source position as padding for a sentence")
 
 
 def source_lengths_scale(src_padding_mask: torch.Tensor | None, Ts: int, B: int, device, dtype=torch.float32):

@@ -158,7 +158,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", default="multi30k")
     ap.add_argument("--sentences", type=int, default=None,
-                    help="sentences decoded by the incremental impls (default 1000; CPU --quick 16)")
+                    help="sentences decoded by the incremental impls (default 1000; CPU --quick 8)")
     ap.add_argument("--full-sentences", type=int, default=None,
                     help="sentences for the full-recompute impls (default: CUDA 200, CPU 64)")
     ap.add_argument("--batch-sentences", type=int, default=None, help="sentences per batch (default CUDA 1000, CPU 64)")
@@ -178,10 +178,10 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = args.dtype or ("bf16" if cuda else "fp32")
-    sentences = args.sentences or (1000 if cuda else (16 if args.quick else 1000))
+    sentences = args.sentences or (1000 if cuda else (8 if args.quick else 1000))
     # Full recomputation is O(T^2): a subset keeps the whole run inside device_check's time cap on a GPU.
     full_sentences = min(sentences, args.full_sentences or ((100 if args.quick else 200) if cuda else
-                                                            (8 if args.quick else 64)))
+                                                            (4 if args.quick else 64)))
     batch_sentences = args.batch_sentences or (1000 if cuda else 64)
     repeats = args.repeats or (3 if cuda else 1)
     if args.threads:

@@ -2,11 +2,11 @@
 // (ATen), and dispatch of the fused softmax kernels (conv_attention_cpu.cpp, conv_attention_cuda.cu).
 //
 // Forward (B sentences, Tt target steps, Ts source positions; sigma[b] = sqrt(real source tokens of b)):
-//   q   = sqrt(.5) * (x @ w_in^T) + sqrt(.5) * (te + b_in)     one GEMM with the sum folded in (beta = alpha = sqrt(.5))
+//   q   = sqrt(.5) * (x @ w_in^T + b_in + te)                 GEMM, then one fused in-place pass for the rest
 //   S   = q @ K^T                                              batched GEMM           (B, Tt, Ts), a temporary
 //   P~  = sigma * masked_softmax(S), lse = row log-sum-exp      fused kernel, in place on S
 //   ctx = P~ @ V                                               batched GEMM (the sqrt(s) scale rides on P~)
-//   out = sqrt(.5) * (ctx @ w_out^T) + sqrt(.5) * (x + b_out)  one GEMM with the residual folded in
+//   out = sqrt(.5) * (ctx @ w_out^T + b_out + x)               GEMM, then the same fused pass
 // Saved for the backward: q, ctx (B, Tt, E) and lse (B, Tt); no (B, Tt, Ts) tensor unless need_weights asks for
 // the probabilities. The backward recomputes S from q and K, and P from S and lse (flash-attention's recipe).
 // On CUDA without need_weights, S, P~ and ctx come from one flash-style kernel instead (conv_attention_cuda.cu),
@@ -141,6 +141,26 @@ void softmax_bwd(at::Tensor& scores, at::Tensor& dpt, const std::optional<at::Te
   });
 }
 
+// y (rows, n) <- (y + bias + residual) * sqrt(0.5), in place; residual (rows, n) is made contiguous if it is not.
+void bias_residual_scale(at::Tensor& y, const at::Tensor& bias, const at::Tensor& residual) {
+  const at::Tensor b = bias.contiguous(), res = residual.contiguous();
+  const int64_t rows = y.size(0), n = y.size(1);
+  if (y.is_cuda()) {
+#ifdef CONVS2S_WITH_CUDA
+    attn_bias_residual_scale_cuda(cuda_dtype_code(y.scalar_type()), y.data_ptr(), b.data_ptr(), res.data_ptr(),
+                                  kSqrtHalf, rows, n, c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+#else
+    TORCH_CHECK(false, "conv_attention: the extension was built without CUDA kernels");
+#endif
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "attn_bias_residual_scale", [&] {
+    attn_bias_residual_scale_cpu<scalar_t>(y.mutable_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                                           res.const_data_ptr<scalar_t>(), kSqrtHalf, rows, n);
+  });
+}
+
 std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
@@ -155,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_atte
   const at::OptionalDeviceGuard guard(x.device());
   const auto mask = contiguous_or_none(src_padding_mask);
   const at::Tensor x2 = x.reshape({B * Tt, C});
-  at::Tensor q = at::addmm(te.reshape({B * Tt, E}) + b_in, x2, w_in.t(), kSqrtHalf, kSqrtHalf);   // (B*Tt, E)
+  at::Tensor q = at::mm(x2, w_in.t());                                                             // (B*Tt, E)
+  bias_residual_scale(q, b_in, te.reshape({B * Tt, E}));
   at::Tensor q3 = q.view({B, Tt, E});
   at::Tensor lse = at::empty({B, Tt}, x.options().dtype(acc_type(x.scalar_type())));
   at::Tensor attn = need_weights ? at::empty({B, Tt, Ts}, x.options()) : at::empty({0}, x.options());
@@ -178,7 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_atte
     softmax_fwd(scores, lse, attn, mask, sigma, sizes);
     ctx = at::bmm(scores, values);                                                                 // (B, Tt, E)
   }
-  at::Tensor out = at::addmm(x2 + b_out, ctx.view({B * Tt, E}), w_out.t(), kSqrtHalf, kSqrtHalf);  // (B*Tt, C)
+  at::Tensor out = at::mm(ctx.view({B * Tt, E}), w_out.t());                                       // (B*Tt, C)
+  bias_residual_scale(out, b_out, x2);
   return {out.view({B, Tt, C}), attn, q3, ctx, lse};
 }
 
@@ -218,21 +240,25 @@ conv_attention_bwd(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   const auto mask = contiguous_or_none(src_padding_mask);
   const auto ga = contiguous_or_none(grad_attn);
 
-  const at::Tensor d = grad_out.reshape({B * Tt, C}) * kSqrtHalf;        // gradient wrt the out projection's sum
+  // out = sqrt(.5) * (ctx @ w_out^T + b_out + x): the sqrt(.5) rides on the GEMMs' alpha and beta, not on an
+  // activation-sized copy of grad_out. (addmm with beta = 0 ignores its first argument, a 0-dim placeholder.)
+  const at::Tensor g2 = grad_out.reshape({B * Tt, C});
   const at::Tensor ctx2 = ctx.reshape({B * Tt, E});
-  at::Tensor grad_b_out = d.sum(0);
-  at::Tensor grad_w_out = at::mm(d.t(), ctx2);                            // (C, E)
-  const at::Tensor dctx = at::mm(d, w_out).view({B, Tt, E});
+  const at::Tensor unused = at::empty({}, x.options());
+  at::Tensor grad_b_out = g2.sum(0).mul_(kSqrtHalf);
+  at::Tensor grad_w_out = at::addmm(unused, g2.t(), ctx2, 0.0, kSqrtHalf);            // (C, E)
+  const at::Tensor dctx = at::addmm(unused, g2, w_out, 0.0, kSqrtHalf).view({B, Tt, E});
   at::Tensor p = at::bmm(q, keys.transpose(1, 2));                         // (B, Tt, Ts): the scores, recomputed
   at::Tensor ds = at::bmm(dctx, values.transpose(1, 2));                   // (B, Tt, Ts): d loss / d (sigma * p)
   softmax_bwd(p, ds, ga, lse, mask, source_scale(mask, B, Ts, x), AttnSizes{B, Tt, Ts, E});
   at::Tensor grad_values = at::bmm(p.transpose(1, 2), dctx);              // (B, Ts, E)
   at::Tensor grad_keys = at::bmm(ds.transpose(1, 2), q);                  // (B, Ts, E)
-  at::Tensor grad_te = at::bmm(ds, keys).mul_(kSqrtHalf);                 // (B, Tt, E): also d loss / d (x w_in^T)
+  // q = sqrt(.5) * (x @ w_in^T + b_in + te): d loss / d te = d loss / d (x @ w_in^T) = sqrt(.5) * ds @ K
+  at::Tensor grad_te = at::baddbmm(unused, ds, keys, 0.0, kSqrtHalf);
   const at::Tensor dlin = grad_te.view({B * Tt, E});
   at::Tensor grad_b_in = dlin.sum(0);
   at::Tensor grad_w_in = at::mm(dlin.t(), x.reshape({B * Tt, C}));        // (E, C)
-  at::Tensor grad_x = at::addmm(d, dlin, w_in).view({B, Tt, C});         // residual path + input projection
+  at::Tensor grad_x = at::addmm(g2, dlin, w_in, kSqrtHalf, 1.0).view({B, Tt, C});  // residual + input projection
   return {grad_x, grad_te, grad_keys, grad_values, grad_w_in, grad_b_in, grad_w_out, grad_b_out};
 }
 

@@ -32,12 +32,20 @@ template <typename scalar_t, typename acc_t>
 void attn_softmax_bwd_cpu(scalar_t* scores, scalar_t* dpt, const scalar_t* grad_attn, const acc_t* lse,
                           const bool* mask, const acc_t* sigma, const AttnSizes& s);
 
+// y <- (y + bias + residual) * scale, elementwise over y (rows, n) contiguous, bias (n,), residual (rows, n)
+// contiguous: the projections' epilogue (q from x @ w_in^T and the target embedding, out from ctx @ w_out^T and x).
+template <typename scalar_t>
+void attn_bias_residual_scale_cpu(scalar_t* y, const scalar_t* bias, const scalar_t* residual, double scale,
+                                  int64_t rows, int64_t n);
+
 // The same on a CUDA stream (void*: this header needs no CUDA headers). dtype: 0 float, 1 double, 2 half,
 // 3 bfloat16; lse and sigma are double for dtype 1, else float.
 void attn_softmax_fwd_cuda(int dtype, void* scores, void* lse, void* attn, const bool* mask, const void* sigma,
                            const AttnSizes& s, void* stream);
 void attn_softmax_bwd_cuda(int dtype, void* scores, void* dpt, const void* grad_attn, const void* lse,
                            const bool* mask, const void* sigma, const AttnSizes& s, void* stream);
+void attn_bias_residual_scale_cuda(int dtype, void* y, const void* bias, const void* residual, double scale,
+                                   int64_t rows, int64_t n, void* stream);
 
 // Flash-style forward on CUDA, without the (B, Tt, Ts) scores: for each row,
 //   ctx[b, t] = sigma[b] * softmax(q[b, t] @ K[b]^T over real positions) @ V[b],   lse as above,

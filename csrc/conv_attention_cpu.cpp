@@ -83,9 +83,26 @@ void attn_softmax_bwd_cpu(scalar_t* scores, scalar_t* dpt, const scalar_t* grad_
   });
 }
 
+template <typename scalar_t>
+void attn_bias_residual_scale_cpu(scalar_t* y, const scalar_t* bias, const scalar_t* residual, double scale,
+                                  int64_t rows, int64_t n) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const acc_t sc = static_cast<acc_t>(scale);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* yr = y + r * n;
+      const scalar_t* res = residual + r * n;
+      for (int64_t c = 0; c < n; ++c)
+        yr[c] = static_cast<scalar_t>((static_cast<acc_t>(yr[c]) + static_cast<acc_t>(bias[c]) +
+                                       static_cast<acc_t>(res[c])) * sc);
+    }
+  });
+}
+
 #define CONVS2S_INSTANTIATE(T, A)                                                                             \
   template void attn_softmax_fwd_cpu<T, A>(T*, A*, T*, const bool*, const A*, const AttnSizes&);               \
-  template void attn_softmax_bwd_cpu<T, A>(T*, T*, const T*, const A*, const bool*, const A*, const AttnSizes&);
+  template void attn_softmax_bwd_cpu<T, A>(T*, T*, const T*, const A*, const bool*, const A*, const AttnSizes&); \
+  template void attn_bias_residual_scale_cpu<T>(T*, const T*, const T*, double, int64_t, int64_t);
 CONVS2S_INSTANTIATE(float, float)
 CONVS2S_INSTANTIATE(double, double)
 CONVS2S_INSTANTIATE(c10::Half, float)

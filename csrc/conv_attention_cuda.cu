@@ -195,6 +195,21 @@ bool launch_flash(const void* q, const void* keys, const void* values, const boo
   return true;
 }
 
+template <typename T, typename A>
+__global__ void bias_residual_scale_kernel(T* __restrict__ y, const T* __restrict__ bias,
+                                           const T* __restrict__ residual, A scale, int64_t rows, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < rows * n; i += int64_t(gridDim.x) * blockDim.x)
+    store(y + i, (A(load(y + i)) + A(load(bias + i % n)) + A(load(residual + i))) * scale);
+}
+
+template <typename T, typename A>
+void launch_bias_residual_scale(void* y, const void* bias, const void* residual, double scale, int64_t rows,
+                                int64_t n, cudaStream_t st) {
+  const int64_t blocks = std::min<int64_t>(65535, std::max<int64_t>(1, (rows * n + 255) / 256));
+  bias_residual_scale_kernel<T, A><<<static_cast<unsigned>(blocks), 256, 0, st>>>(
+      static_cast<T*>(y), static_cast<const T*>(bias), static_cast<const T*>(residual), A(scale), rows, n);
+}
+
 unsigned blocks_for(int64_t rows) { return static_cast<unsigned>((rows + kWarps - 1) / kWarps); }
 
 template <typename T, typename A>
@@ -233,6 +248,17 @@ void attn_softmax_bwd_cuda(int dtype, void* scores, void* dpt, const void* grad_
     case 1: launch_bwd<double, double>(scores, dpt, grad_attn, lse, mask, sigma, s, st); break;
     case 2: launch_bwd<__half, float>(scores, dpt, grad_attn, lse, mask, sigma, s, st); break;
     case 3: launch_bwd<__nv_bfloat16, float>(scores, dpt, grad_attn, lse, mask, sigma, s, st); break;
+  }
+}
+
+void attn_bias_residual_scale_cuda(int dtype, void* y, const void* bias, const void* residual, double scale,
+                                   int64_t rows, int64_t n, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case 0: launch_bias_residual_scale<float, float>(y, bias, residual, scale, rows, n, st); break;
+    case 1: launch_bias_residual_scale<double, double>(y, bias, residual, scale, rows, n, st); break;
+    case 2: launch_bias_residual_scale<__half, float>(y, bias, residual, scale, rows, n, st); break;
+    case 3: launch_bias_residual_scale<__nv_bfloat16, float>(y, bias, residual, scale, rows, n, st); break;
   }
 }
 

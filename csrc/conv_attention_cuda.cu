@@ -177,6 +177,7 @@ template <typename T, typename A>
 bool launch_flash(const void* q, const void* keys, const void* values, const bool* mask, const void* sigma,
                   void* ctx, void* lse, const AttnSizes& s, cudaStream_t st) {
   if (s.E > kFlashMaxE || s.B > 65535) return false;
+  if (s.B == 0) return true;  // nothing to compute (a grid of 0 blocks would be a launch error)
   const int64_t row_bytes = 2 * s.E * int64_t(sizeof(T));  // one source row of K and of V
   const int tile = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(64, kFlashSmemBytes / row_bytes)));
   const dim3 grid(static_cast<unsigned>((s.Tt + kFlashWarps - 1) / kFlashWarps), static_cast<unsigned>(s.B));
@@ -210,7 +211,10 @@ void launch_bias_residual_scale(void* y, const void* bias, const void* residual,
       static_cast<T*>(y), static_cast<const T*>(bias), static_cast<const T*>(residual), A(scale), rows, n);
 }
 
-unsigned blocks_for(int64_t rows) { return static_cast<unsigned>((rows + kWarps - 1) / kWarps); }
+// At least one block (an empty grid is a launch error); the kernels' row guard idles it when there are no rows.
+unsigned blocks_for(int64_t rows) {
+  return static_cast<unsigned>(std::max<int64_t>(1, (rows + kWarps - 1) / kWarps));
+}
 
 template <typename T, typename A>
 void launch_fwd(void* scores, void* lse, void* attn, const bool* mask, const void* sigma, const AttnSizes& s,

@@ -6,7 +6,9 @@
     Tokenizer.from_state(tok.state())                         state() holds the serialized model protos (bytes)
 
 Special ids follow fairseq's dictionary convention, the one ConvS2SConfig uses: bos 0, pad 1, eos 2, unk 3.
-"joint" trains one model on both languages' text (shared vocabulary); otherwise each side has its own model.
+"joint" trains one model on both languages' text (shared vocabulary); otherwise each side has its own model
+(the default: on Multi30k de-en, small preset, 8k BPE, greedy valid BLEU after 2 epochs was 14.10 separate vs
+12.28 joint, one seed each).
 """
 
 from __future__ import annotations

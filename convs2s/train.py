@@ -78,7 +78,8 @@ class TrainArgs:
     dropout: float | None = None      # None: the preset's
     vocab_size: int = 8000
     spm_type: str = "bpe"             # bpe | unigram
-    joint_vocab: bool = False         # one sentencepiece model for both languages
+    joint_vocab: bool = False         # one sentencepiece model for both languages; separate won on de-en,
+                                      # small preset, Adam: valid BLEU 14.10 vs 12.28 after 2 epochs (1 seed)
     train_subset: int = 0             # use only the first N training pairs (0 = all)
     val_subset: int = 0               # use only the first N validation pairs (0 = all)
     val_bleu_sentences: int = -1      # greedy-decode this many validation sentences for BLEU (-1 = all, 0 = none)

@@ -94,7 +94,7 @@ def test_greedy_translation_is_the_models_argmax_and_batch_independent(trained):
     src, _ = D.load_pair(multi30k_dir(), "train", "de", "en")
     ds = D.PairDataset(tok.encode_src(src[:6]))
     batch = ds.collate(range(6))
-    hyps = translate(model, batch.src_tokens, batch.src_lengths, max_len_a=1.0, max_len_b=5)
+    hyps = translate(model, batch.src_tokens, batch.src_lengths, beam=1, max_len_a=1.0, max_len_b=5)
     eos = model.config.eos_idx
     for i, (h,) in enumerate(hyps):
         n = int(batch.src_lengths[i])
@@ -114,10 +114,10 @@ def test_greedy_translation_is_the_models_argmax_and_batch_independent(trained):
         upto = len(h.tokens) - 1 if forced else len(h.tokens)
         assert torch.equal(argmax[:upto], h.tokens[:upto])
         # Alone, the sentence gets the same translation as inside the padded batch.
-        alone = translate(model, batch.src_tokens[i:i + 1, :n], max_len_a=1.0, max_len_b=5)[0][0]
+        alone = translate(model, batch.src_tokens[i:i + 1, :n], beam=1, max_len_a=1.0, max_len_b=5)[0][0]
         assert torch.equal(alone.tokens, h.tokens)
-    with pytest.raises(NotImplementedError):
-        translate(model, batch.src_tokens, beam=4)
+    with pytest.raises(ValueError, match="nbest"):
+        translate(model, batch.src_tokens, beam=2, nbest=3)
 
 
 def test_evaluate_end_to_end_prints_bleu(trained, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """The `convs2s` command (also `python -m convs2s`).
 
     convs2s train     --preset auto --data DIR --src-lang de --tgt-lang en --save-dir runs/x --max-minutes 20
-    convs2s translate --checkpoint runs/x/best.pt [--input FILE]          stdin -> stdout, one sentence a line
+    convs2s translate --checkpoint runs/x/best.pt [--input FILE] [--beam 5 --nbest 2]    stdin -> stdout
+    convs2s plot-attention --checkpoint runs/x/best.pt --sentence "Ein Hund läuft." --out a.png [--layer all]
     convs2s evaluate  --checkpoint runs/x/best.pt --split test_2016_flickr   (or --src FILE --ref FILE)
 
 Each subcommand is one entry of SUBCOMMANDS: a function that adds its parser to the subparsers and sets
@@ -79,13 +80,16 @@ def _run_train(a: argparse.Namespace) -> int:
 
 
 def _add_translate(sub) -> None:
-    p = sub.add_parser("translate", help="translate text with a checkpoint (greedy)",
-                       description="Translate one sentence per line, from --input (default stdin) to stdout.")
+    p = sub.add_parser("translate", help="translate text with a checkpoint (beam search; beam 1 = greedy)",
+                       description="Translate one sentence per line, from --input (default stdin) to stdout. "
+                                   "With --nbest K > 1, each input line gives K lines 'rank<TAB>score<TAB>text'.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--input", default="-", help="plain or .gz file, one sentence a line ('-' = stdin)")
     p.add_argument("--output", default="-", help="'-' = stdout")
     p.add_argument("--backend", default=None, choices=("auto", "reference", "triton", "native"))
-    p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy, the only one for now)")
+    p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    p.add_argument("--nbest", type=int, default=1, help="hypotheses per sentence (<= --beam)")
+    p.add_argument("--lenpen", type=float, default=1.0, help="length penalty: score = log-prob / length ** lenpen")
     p.add_argument("--max-len-a", type=float, default=1.2)
     p.add_argument("--max-len-b", type=int, default=10)
     _add_common(p)
@@ -95,13 +99,18 @@ def _add_translate(sub) -> None:
 def _run_translate(a: argparse.Namespace) -> int:
     from .data import read_lines
     from .evaluate import resolve_device
-    from .generate import translate_lines
+    from .generate import nbest_lines
     from .train import load_checkpoint, model_from_checkpoint
+    if not 1 <= a.nbest <= a.beam:
+        raise SystemExit(f"convs2s translate: need 1 <= --nbest <= --beam, got --nbest {a.nbest} --beam {a.beam}")
     model, tok = model_from_checkpoint(load_checkpoint(a.checkpoint), resolve_device(a.device), a.backend)
     lines = [line.rstrip("\r\n") for line in sys.stdin] if a.input == "-" else read_lines(a.input)
-    hyps = translate_lines(model, tok, lines, max_tokens=a.max_tokens, beam=a.beam, max_len_a=a.max_len_a,
-                           max_len_b=a.max_len_b)
-    text = "".join(h + "\n" for h in hyps)
+    hyps = nbest_lines(model, tok, lines, max_tokens=a.max_tokens, beam=a.beam, nbest=a.nbest,
+                       len_penalty=a.lenpen, max_len_a=a.max_len_a, max_len_b=a.max_len_b)
+    if a.nbest == 1:
+        text = "".join(hs[0][0] + "\n" for hs in hyps)
+    else:
+        text = "".join(f"{rank}\t{score:.4f}\t{h}\n" for hs in hyps for rank, (h, score) in enumerate(hs))
     if a.output == "-":
         sys.stdout.write(text)
     else:
@@ -139,10 +148,40 @@ def _run_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plot_attention(sub) -> None:
+    p = sub.add_parser("plot-attention", help="draw one sentence's attention (source x target heat map)",
+                       description="Translate --sentence with beam search and save the best hypothesis' attention "
+                                   "(target subwords down, source subwords across) to --out (.png, .pdf, .svg).")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--sentence", required=True, help="source sentence (plain text)")
+    p.add_argument("--out", required=True, help="image file; the format follows its suffix")
+    p.add_argument("--layer", default="mean",
+                   help="mean (average over the attention layers), all (one panel per layer) or a layer index")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--backend", default=None, choices=("auto", "reference", "triton", "native"))
+    _add_common(p)
+    p.set_defaults(func=_run_plot_attention)
+
+
+def _run_plot_attention(a: argparse.Namespace) -> int:
+    from .evaluate import resolve_device
+    from .plot import plot_sentence
+    from .train import load_checkpoint, model_from_checkpoint
+    layer = int(a.layer) if a.layer.lstrip("-").isdigit() else a.layer
+    if layer not in ("mean", "all") and not isinstance(layer, int):
+        raise SystemExit(f"convs2s plot-attention: --layer must be mean, all or an index, got {a.layer!r}")
+    model, tok = model_from_checkpoint(load_checkpoint(a.checkpoint), resolve_device(a.device), a.backend)
+    translation, out = plot_sentence(model, tok, a.sentence, a.out, layer=layer, beam=a.beam)
+    print(translation)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 SUBCOMMANDS = {
     "train": _add_train,
     "translate": _add_translate,
     "evaluate": _add_evaluate,
+    "plot-attention": _add_plot_attention,
 }
 
 

@@ -432,3 +432,53 @@ def test_bench_generate_runs_and_writes_json(tmp_path):
     assert rows[0]["sentences_per_s"] > 0 and rows[1]["speedup_incremental_vs_full"] > 0
     assert rows[0]["target_tokens_per_s"] * rows[0]["wall_s"] == pytest.approx(int(tgt_len.sum()))
     assert json.loads(out.read_text())["results"][0]["op"] == "generate"
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A random tiny model + a small tokenizer saved as a convs2s checkpoint (no training needed)."""
+    from convs2s.tokenizer import Tokenizer
+    from convs2s.train import CHECKPOINT_FORMAT, save_checkpoint
+    de = ["ein hund läuft im park", "zwei männer spielen fußball", "eine frau liest ein buch"] * 4
+    en = ["a dog runs in the park", "two men play soccer", "a woman reads a book"] * 4
+    tok = Tokenizer.train(de, en, vocab_size=40)
+    torch.manual_seed(0)
+    model = ConvS2S.from_preset("tiny", tok.src_vocab_size, tok.tgt_vocab_size, backend="reference")
+    path = tmp_path / "tiny.pt"
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(), "tokenizer": tok.state(),
+                     "model": model.state_dict()}, path)
+    return path
+
+
+def test_cli_translate_beam_and_nbest(tiny_checkpoint, tmp_path, capsys):
+    from convs2s import cli
+    from convs2s.generate import nbest_lines
+    from convs2s.train import load_checkpoint, model_from_checkpoint
+    src = tmp_path / "in.de"
+    src.write_text("ein hund liest\nzwei frauen spielen im park\n")
+    out = tmp_path / "out.en"
+    args = ["translate", "--checkpoint", str(tiny_checkpoint), "--input", str(src), "--device", "cpu"]
+    assert cli.main(args + ["--beam", "4", "--nbest", "3", "--output", str(out)]) == 0
+    rows = [line.split("\t") for line in out.read_text().splitlines()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 0, 1, 2]
+    for sent in (rows[:3], rows[3:]):
+        scores = [float(r[1]) for r in sent]
+        assert scores == sorted(scores, reverse=True)
+    model, tok = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
+    expected = nbest_lines(model, tok, src.read_text().splitlines(), beam=4, nbest=3)
+    assert [r[2] for r in rows] == [text for hs in expected for text, _ in hs]
+    assert cli.main(args + ["--beam", "4", "--output", str(out)]) == 0          # nbest 1: plain lines
+    assert out.read_text().splitlines() == [hs[0][0] for hs in expected]
+    with pytest.raises(SystemExit, match="nbest"):
+        cli.main(args + ["--beam", "2", "--nbest", "3"])
+
+
+def test_cli_plot_attention_writes_png(tiny_checkpoint, tmp_path, capsys):
+    from convs2s import cli
+    for layer in ("mean", "all", "1"):
+        out = tmp_path / f"att_{layer}.png"
+        assert cli.main(["plot-attention", "--checkpoint", str(tiny_checkpoint), "--sentence", "ein hund liest",
+                         "--out", str(out), "--layer", layer, "--beam", "2", "--device", "cpu"]) == 0
+        with open(out, "rb") as f:
+            assert f.read(8) == PNG_SIGNATURE
+    assert "wrote" in capsys.readouterr().err

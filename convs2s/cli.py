@@ -4,10 +4,10 @@
     convs2s translate --checkpoint runs/x/best.pt [--input FILE] [--beam 5 --nbest 2]    stdin -> stdout
     convs2s plot-attention --checkpoint runs/x/best.pt --sentence "Ein Hund läuft." --out a.png [--layer all]
     convs2s evaluate  --checkpoint runs/x/best.pt --split test_2016_flickr   (or --src FILE --ref FILE)
+    convs2s bench     [--device cuda] [--quick] [--only ...]      the benchmark suite (bench/run.py)
 
 Each subcommand is one entry of SUBCOMMANDS: a function that adds its parser to the subparsers and sets
-`func` (called with the parsed arguments, returns the exit status). New subcommands (bench, plot-attention)
-add an entry there.
+`func` (called with the parsed arguments, returns the exit status). New subcommands add an entry there.
 """
 
 from __future__ import annotations
@@ -177,11 +177,29 @@ def _run_plot_attention(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    # Listed for `convs2s --help`; main() hands everything after "bench" to bench.run's own parser.
+    sub.add_parser("bench", help="run the benchmark suite (from a source checkout; `convs2s bench --help`)")
+
+
+def _run_bench(argv: list[str]) -> int:
+    import importlib
+    import os
+    # bench/ lives beside the package in a source checkout (an editable install), not inside the wheel.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "bench", "run.py")):
+        raise SystemExit(f"convs2s bench: no bench/ folder beside {root}; the benchmark suite runs from a source "
+                         "checkout (git clone, then `pip install -e . --no-build-isolation`)")
+    sys.path.insert(0, root)
+    return importlib.import_module("bench.run").main(argv)
+
+
 SUBCOMMANDS = {
     "train": _add_train,
     "translate": _add_translate,
     "evaluate": _add_evaluate,
     "plot-attention": _add_plot_attention,
+    "bench": _add_bench,
 }
 
 
@@ -194,5 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return _run_bench(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)

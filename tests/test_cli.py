@@ -127,3 +127,11 @@ def test_evaluate_needs_a_split_or_files(tmp_path):
         cli.main(["evaluate", "--checkpoint", str(tmp_path / "x.pt")])
     with pytest.raises(SystemExit, match=r"give either --split NAME or --src FILE --ref FILE"):
         cli.main(["evaluate", "--checkpoint", str(tmp_path / "x.pt"), "--src", "a.de"])
+
+
+def test_bench_subcommand_hands_arguments_to_the_suite(capsys):
+    from convs2s import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0
+    assert "--quick" in capsys.readouterr().out

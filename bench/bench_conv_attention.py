@@ -255,6 +255,12 @@ def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
     leaves = [a for a in args if a.requires_grad]
     gout = torch.randn(B, Tt, C, device=device, dtype=dtype)
     flops_fwd = 4.0 * B * Tt * E * (C + Ts)
+    # Compulsory bytes (each input read once, each output written once): the floor of any implementation's traffic.
+    isz = torch.tensor([], dtype=dtype).element_size()
+    n_in = (B * Tt * C + B * Tt * E + 2 * B * Ts * E + 2 * E * C + E + C) * isz + B * Ts        # + the bool mask
+    n_out = B * Tt * C * isz
+    nbytes = {"fwd": n_in + n_out, "bwd": n_in + n_out + (n_in - B * Ts)}                       # + gout, + grads
+    nbytes["fwd+bwd"] = nbytes["fwd"] + nbytes["bwd"]
     shape_s = f"B{B} Tt{Tt} Ts{Ts} C{C} E{E}"
     gemm_dtype = torch.bfloat16 if device.type == "cuda" else dtype     # CPUs have no fast bf16 GEMM to compare
     gemm = common.gemm_rate(device, gemm_dtype, B * Tt, E, 2 * (C + Ts))
@@ -265,8 +271,13 @@ def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
     rows, eager_ms = [], {}
     for impl in impl_list:
         with _backward_strategy(impl):
-            rows += _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, device, dtype,
-                                B, Tt, Ts, E, gemm)
+            new = _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, device, dtype,
+                              B, Tt, Ts, E, gemm)
+        for r in new:
+            if "ms" in r and impl != "triton-core":
+                r["bytes_min"] = nbytes[r["pass"]]
+                r["gb_per_s"] = nbytes[r["pass"]] / (r["ms"] * 1e-3) / 1e9
+        rows += new
     return rows
 
 

@@ -124,6 +124,12 @@ def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
     args = make_inputs(B, T, c_in, c_out, k, device, dtype)
     dy = torch.randn(B, T, c_out, device=device, dtype=dtype)
     flops_fwd = 2.0 * B * T * k * c_in * 2 * c_out
+    # Compulsory bytes (each input read once, each output written once): the floor of any implementation's traffic.
+    isz = torch.tensor([], dtype=dtype).element_size()
+    io_fwd = (B * T * c_in + k * c_in * 2 * c_out + 2 * c_out + 2 * B * T * c_out) * isz       # x, w, b, res, y
+    io_bwd = (B * T * c_out + B * T * c_in + k * c_in * 2 * c_out                               # dy, x, w
+              + B * T * c_in + k * c_in * 2 * c_out + 2 * c_out + B * T * c_out) * isz          # dx, dw, db, dres
+    nbytes = {"fwd": io_fwd, "bwd": io_bwd, "fwd+bwd": io_fwd + io_bwd}
     gemm_dtype = torch.bfloat16 if device.type == "cuda" else dtype     # CPUs have no fast bf16 GEMM to compare
     gemm = common.gemm_rate(device, gemm_dtype, B * T, 2 * c_out, k * c_in)
     shape_s = f"B{B} T{T} C{c_in}->{c_out} k{k}"
@@ -172,6 +178,7 @@ def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
                          "ms_with_launch": launched["ms"], "graph": replay is not None,
                          "speedup_vs_eager": eager_ms[pname] / t["ms"] if pname in eager_ms else None,
                          "peak_mem_bytes": mem, "tflops": tflops, "pct_of_gemm": 100.0 * tflops / gemm,
+                         "bytes_min": nbytes[pname], "gb_per_s": nbytes[pname] / (t["ms"] * 1e-3) / 1e9,
                          "max_abs_diff_vs_eager": diff})
             # progress, so a run cut short at its time limit still shows what it measured
             print(f"  {shape_s} {pname} {impl}: {t['ms']:.4g} ms ({launched['ms']:.4g} with launches), "

@@ -14,7 +14,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-COLUMNS = ["bench", "shape", "pass", "impl", "ms", "speedup_vs_eager", "tflops", "tokens_per_s",
+COLUMNS = ["bench", "shape", "pass", "impl", "ms", "speedup_vs_eager", "tflops", "gb_per_s", "tokens_per_s",
            "sentences_per_s", "peak_mem_bytes", "mem_vs_eager"]
 
 

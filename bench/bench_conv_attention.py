@@ -153,30 +153,6 @@ def _backward_strategy(impl: str):
         k.BACKWARD = before
 
 
-def graphed(fn, device: torch.device):
-    """fn replayed from a CUDA graph (launch overhead out of the timing), or None where it cannot be captured."""
-    if device.type != "cuda":
-        return None
-    try:
-        # Warm-up and capture on one side stream: cuBLAS sets up its per-stream workspace on first use, which a
-        # capture forbids (seen on the H200 by bench_glu_conv.py).
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            fn()
-        torch.cuda.synchronize()
-        return graph.replay
-    except Exception as e:
-        print(f"    (no CUDA graph: {type(e).__name__}: {e})", file=sys.stderr)
-        torch.cuda.synchronize()
-        return None
-
-
 def _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, device, dtype, B, Tt, Ts, E, gemm):
     """Rows of one implementation on one shape (eager_ms: {pass: ms} of eager, filled when impl is eager)."""
     if impl == "triton-core":
@@ -226,7 +202,7 @@ def _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, de
             fn()  # warm-up: compile, autotune
             launched = common.timeit(fn, device)
             mem = common.peak_memory(fn, device)
-            replay = graphed(fn, device)
+            replay = common.graphed(fn, device)
             t = common.timeit(replay, device) if replay is not None else launched
         except Exception as e:
             print(f"  {shape_s} {impl} {pname}: FAILED {type(e).__name__}: {e}", file=sys.stderr)

@@ -51,30 +51,6 @@ def impls(device: torch.device, recompute: bool = False) -> list[str]:
     return out
 
 
-def graphed(fn, device: torch.device):
-    """fn replayed from a CUDA graph (launch overhead out of the timing), or None where it cannot be captured."""
-    if device.type != "cuda":
-        return None
-    try:
-        # Warm-up and capture on one side stream: cuBLAS sets up its per-stream workspace on first use, which a
-        # capture forbids (on the H200 the first backward captured on a fresh stream failed that way).
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            fn()
-        torch.cuda.synchronize()
-        return graph.replay
-    except Exception as e:
-        print(f"    (no CUDA graph: {type(e).__name__}: {e})", file=sys.stderr)
-        torch.cuda.synchronize()
-        return None
-
-
 def make_inputs(B, T, c_in, c_out, k, device, dtype):
     g = torch.Generator().manual_seed(0)
 
@@ -164,7 +140,7 @@ def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
                 fn()  # warm-up: compile, autotune
                 launched = common.timeit(fn, device)
                 mem = common.peak_memory(fn, device)
-                replay = graphed(fn, device)
+                replay = common.graphed(fn, device)
                 t = common.timeit(replay, device) if replay is not None else launched
             except Exception as e:
                 print(f"  {shape_s} {impl} {pname}: FAILED {type(e).__name__}: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from typing import Callable
 
 import torch
@@ -30,6 +31,30 @@ def timeit(fn: Callable[[], object], device: torch.device, *, min_run_time: floa
     times = sorted(m.times)  # per run (raw_times are per block of number_per_run runs)
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))] * 1e3  # noqa: E731
     return {"ms": m.median * 1e3, "ms_p20": q(0.2), "ms_p80": q(0.8)}
+
+
+def graphed(fn, device: torch.device):
+    """fn replayed from a CUDA graph (launch overhead out of the timing), or None where it cannot be captured."""
+    if device.type != "cuda":
+        return None
+    try:
+        # Warm-up and capture on one side stream: cuBLAS sets up its per-stream workspace on first use, which a
+        # capture forbids (on the H200 the first backward captured on a fresh stream failed that way).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            fn()
+        torch.cuda.synchronize()
+        return graph.replay
+    except Exception as e:
+        print(f"    (no CUDA graph: {type(e).__name__}: {e})", file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:

@@ -14,10 +14,13 @@
 # script's syntax and arguments this way, and a developer rehearses before spending GPU minutes).
 #
 # On the GPU machine: python3 is the interpreter with torch; there is no network (pip --no-deps); Multi30k must be
-# inside the working tree (copy ../shared/data/multi30k to data/multi30k, git-ignored, and carry it).
+# inside the working tree (copy ../shared/data/multi30k to data/multi30k, git-ignored, and carry it). The machine's
+# copy of the tree cannot resolve git HEAD, so name the commit in the command, e.g. (device tool, carry ["data"]):
+#   CONVS2S_COMMIT=<git rev-parse HEAD here> bash bench/device_check.sh $OUT --budget 480
+# The session's whole device budget is 15 minutes including a 1-2 minute start: one such call, then give_back.
 set -uo pipefail
 
-usage() { sed -n '2,16p' "$0"; exit 2; }
+usage() { sed -n '2,19p' "$0"; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 DRY=0; BUDGET=540; SKIP=" "

@@ -12,15 +12,7 @@ import torch
 
 from convs2s import cli
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def multi30k_dir() -> Path:
-    """CONVS2S_DATA, else ../shared/data/multi30k beside the repository; skip the test when neither exists."""
-    path = Path(os.environ.get("CONVS2S_DATA") or REPO.parent / "shared" / "data" / "multi30k")
-    if not (path / "train.de.gz").is_file():
-        pytest.skip(f"Multi30k raw files not found at {path} (set CONVS2S_DATA to a folder holding them)")
-    return path
+from tests.multi30k import REPO, multi30k_dir
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,6 @@
 """Multi30k files (download, checksums, errors), sentencepiece tokenizer, token-count batching."""
 
 import gzip
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ import torch
 from convs2s import data as D
 from convs2s.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
-from tests.multi30k import REPO, multi30k_dir
+from tests.multi30k import multi30k_dir
 
 
 # ------------------------------------------------------------------------------------------ files, download

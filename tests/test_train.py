@@ -18,7 +18,7 @@ from convs2s.generate import translate
 from convs2s.train import (TrainArgs, label_smoothed_nll_loss, load_checkpoint, model_from_checkpoint,
                            save_checkpoint, train)
 
-from tests.multi30k import REPO, multi30k_dir
+from tests.multi30k import multi30k_dir
 
 
 @pytest.fixture(autouse=True)

@@ -85,7 +85,7 @@ def _fairseq_state_dict(args, src_vocab=13, tgt_vocab=11, old_decoder_wn=False, 
     return sd
 
 
-# ---- the independent fairseq fconv forward (fp64, eval mode, unpadded batches) ----
+# ---- the independent fairseq fconv forward (fp64, eval mode; sources may be right-padded, targets not) ----
 
 def _wn_linear(sd, prefix):
     v, g = sd[prefix + "weight_v"], sd[prefix + "weight_g"]
@@ -116,12 +116,14 @@ def _fairseq_forward(sd, args, src, prev):
     attention = _attention_flags(args, len(dec_layers))
 
     def embed(side, tokens):
-        pos = torch.arange(1, tokens.shape[1] + 1).expand_as(tokens) + PAD       # make_positions, no padding
+        real = tokens.ne(PAD)
+        pos = torch.cumsum(real, dim=1) * real + PAD                            # fairseq's make_positions
         return sd[f"{side}.embed_tokens.weight"][tokens] + sd[f"{side}.embed_positions.weight"][pos]
 
     x = embed("encoder", src)
     input_embedding = x
     x = _wn_linear(sd, "encoder.fc1.")(x).transpose(0, 1)
+    pad_mask = src.eq(PAD).t().unsqueeze(-1)                                    # (Ts, B, 1)
     residuals = [x]
     for i, (c, k, r) in enumerate(enc_layers):
         residual = None
@@ -129,6 +131,7 @@ def _fairseq_forward(sd, args, src, prev):
             residual = residuals[-r]
             if f"encoder.projections.{i}.weight_v" in sd:
                 residual = _wn_linear(sd, f"encoder.projections.{i}.")(residual)
+        x = x.masked_fill(pad_mask, 0.0)
         if k % 2 == 1:
             x = _conv_tbc(sd, f"encoder.convolutions.{i}.", x, k // 2)
         else:
@@ -137,7 +140,7 @@ def _fairseq_forward(sd, args, src, prev):
         if residual is not None:
             x = (x + residual) * half
         residuals.append(x)
-    enc_a = _wn_linear(sd, "encoder.fc2.")(x.transpose(0, 1))                  # (B, Ts, E)
+    enc_a = _wn_linear(sd, "encoder.fc2.")(x.transpose(0, 1)).masked_fill(pad_mask.transpose(0, 1), 0.0)
     enc_b = (enc_a + input_embedding) * half
 
     x = embed("decoder", prev)
@@ -158,9 +161,9 @@ def _fairseq_forward(sd, args, src, prev):
             x = x.transpose(0, 1)
             attn_residual = x
             q = (_wn_linear(sd, f"decoder.attention.{i}.in_projection.")(x) + target_embedding) * half
-            scores = torch.softmax(q @ enc_a.transpose(1, 2), dim=-1)
-            s = enc_b.shape[1]
-            ctx = (scores @ enc_b) * (s * math.sqrt(1.0 / s))
+            scores = (q @ enc_a.transpose(1, 2)).masked_fill(src.eq(PAD).unsqueeze(1), float("-inf"))
+            s = src.ne(PAD).sum(dim=1).to(q.dtype).view(-1, 1, 1)              # source length without padding
+            ctx = (torch.softmax(scores, dim=-1) @ enc_b) * (s * s.rsqrt())
             x = (_wn_linear(sd, f"decoder.attention.{i}.out_projection.")(ctx) + attn_residual) * half
             x = x.transpose(0, 1)
         if residual is not None:
@@ -201,6 +204,21 @@ def test_logits_match_fairseq_forward(case):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
     if case["share"]:
         assert model.decoder.fc3.weight is model.decoder.embed_tokens.weight
+
+
+def test_right_padded_sources_match():
+    """fairseq masks source padding before every encoder conv, after fc2 and in attention (which scales by the
+    real source length); our model does the same."""
+    args = _args()
+    sd = _fairseq_state_dict(args, seed=11)
+    model = from_fairseq({"args": args, "model": sd}, backend="reference")
+    src, prev = _batch(B=3, Ts=7, seed=12)
+    for row, length in ((0, 4), (2, 6)):
+        src[row, length - 1] = EOS
+        src[row, length:] = PAD
+    with torch.no_grad():
+        got = model(src, None, prev)
+    torch.testing.assert_close(got, _fairseq_forward(sd, args, src, prev), rtol=0, atol=1e-10)
 
 
 def test_full_length_positions_match():

@@ -132,8 +132,9 @@ def _conv_g_v(prefix: str, sd: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
     if tuple(g.shape) == (1, 1, c2):                    # weight_norm(dim=2): our parametrisation exactly
         return g.reshape(c2), v
     if tuple(g.shape) == (k, 1, 1):                     # pre-version-2 decoders: weight_norm(dim=0), per tap
+        # Folded in fp64 and left there: load_state_dict casts to the model's dtype once.
         w = v.double() * (g.double() / v.double().pow(2).sum(dim=(1, 2), keepdim=True).sqrt())
-        return w.pow(2).sum(dim=(0, 1)).sqrt().to(v.dtype), w.to(v.dtype)
+        return w.pow(2).sum(dim=(0, 1)).sqrt(), w
     raise ValueError(f"{prefix}weight_g has shape {tuple(g.shape)}; expected (1, 1, {c2}) or ({k}, 1, 1)")
 
 
@@ -186,9 +187,10 @@ def from_fairseq(checkpoint, *, src_dict=None, tgt_dict=None, backend: str = "au
             continue                                    # handled with its weight_g
         else:
             ours[key] = value
-    if cfg.share_decoder_input_output_embed and not torch.equal(ours.get("decoder.fc3.weight", ours[
-            "decoder.embed_tokens.weight"]), ours["decoder.embed_tokens.weight"]):
-        raise ValueError("share_input_output_embed is set but decoder.fc3.weight differs from the embedding")
+    if cfg.share_decoder_input_output_embed:
+        embedding = ours["decoder.embed_tokens.weight"]
+        if not torch.equal(ours.setdefault("decoder.fc3.weight", embedding), embedding):
+            raise ValueError("share_input_output_embed is set but decoder.fc3.weight differs from the embedding")
 
     dtype = sd["encoder.embed_tokens.weight"].dtype
     model = ConvS2S(cfg).to(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)

@@ -204,6 +204,10 @@ def test_logits_match_fairseq_forward(case):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
     if case["share"]:
         assert model.decoder.fc3.weight is model.decoder.embed_tokens.weight
+        without = {k: v for k, v in sd.items() if k != "decoder.fc3.weight"}   # the tie may be saved once
+        with torch.no_grad():
+            again = from_fairseq({"args": args, "model": without}, backend="reference")(src, None, prev)
+        torch.testing.assert_close(again, want, rtol=0, atol=1e-10)
 
 
 def test_right_padded_sources_match():
@@ -277,6 +281,14 @@ def test_cfg_model_namespace_and_arch_defaults():
     with torch.no_grad():
         torch.testing.assert_close(model(src, None, prev), _fairseq_forward(sd, full, src, prev),
                                    rtol=0, atol=1e-10)
+
+
+def test_half_checkpoint_gives_fp32_model():
+    args = _args()
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in _fairseq_state_dict(args, seed=13).items()}
+    model = from_fairseq({"args": args, "model": sd}, backend="reference")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.equal(model.encoder.embed_tokens.weight, sd["encoder.embed_tokens.weight"].float())
 
 
 def test_unknown_arch_and_unexpected_key_raise():

@@ -75,7 +75,8 @@ def _literal(node, text: str):
             return left + right
         if isinstance(node.op, ast.Mult):
             seq, n = (left, right) if isinstance(left, (list, tuple)) else (right, left)
-            if isinstance(seq, (list, tuple)) and type(n) is int:
+            # 1000 bounds the list a string can build (fairseq's deepest preset has 40 layers).
+            if isinstance(seq, (list, tuple)) and type(n) is int and 0 <= n * len(seq) <= 1000:
                 return seq * n
         raise ValueError(f"unsupported operands for {type(node.op).__name__} in fairseq layer string {text!r}")
     raise ValueError(f"fairseq layer string {text!r} contains {type(node).__name__}: only int/bool literals, "

@@ -137,6 +137,7 @@ def _search(model, src_tokens, src_lengths, K, max_len_a, max_len_b, max_len, mi
     sent = list(range(B))                                                       # active row block -> sentence
     row_max, row_min = max_lens[rows], min_lens[rows]                           # (N,) per row, N = len(sent) * K
     tokens = torch.full((B * K, 1), bos, dtype=torch.long, device=device)      # (N, 1 + step)
+    banned = [pad] if bos == eos else [pad, bos]          # fairseq-converted models start from EOS (bos == eos)
     cum, pos_scores, attn_hist = None, None, None
     finalized: list[list[Hypothesis]] = [[] for _ in range(B)]
     for step in range(int(max_lens.max()) + 1):
@@ -144,7 +145,7 @@ def _search(model, src_tokens, src_lengths, K, max_len_a, max_len_b, max_len, mi
         score_dtype = torch.promote_types(logits.dtype, torch.float32)
         lprobs = F.log_softmax(logits.to(score_dtype), dim=-1)                 # (N, V), a fresh tensor
         N, V = lprobs.shape
-        lprobs[:, [pad, bos]] = -math.inf
+        lprobs[:, banned] = -math.inf
         eos_lp = lprobs[:, eos].masked_fill(step < row_min, -math.inf)          # (N,) EOS banned before min_len
         lprobs.masked_fill_((step >= row_max)[:, None], -math.inf)              # EOS forced at the maximum length
         lprobs[:, eos] = eos_lp

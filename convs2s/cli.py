@@ -2,6 +2,7 @@
 
     convs2s train     --preset auto --data DIR --src-lang de --tgt-lang en --save-dir runs/x --max-minutes 20
     convs2s translate --checkpoint runs/x/best.pt [--input FILE] [--beam 5 --nbest 2]    stdin -> stdout
+    convs2s translate --fairseq wmt14.en-fr.fconv-py [--beam 5]      a fairseq fconv folder, tokenized stdin
     convs2s plot-attention --checkpoint runs/x/best.pt --sentence "Ein Hund läuft." --out a.png [--layer all]
     convs2s evaluate  --checkpoint runs/x/best.pt --split test_2016_flickr   (or --src FILE --ref FILE)
     convs2s bench     [--device cuda] [--quick] [--only ...]      the benchmark suite (bench/run.py)
@@ -83,17 +84,29 @@ def _add_translate(sub) -> None:
     p = sub.add_parser("translate", help="translate text with a checkpoint (beam search; beam 1 = greedy)",
                        description="Translate one sentence per line, from --input (default stdin) to stdout. "
                                    "With --nbest K > 1, each input line gives K lines 'rank<TAB>score<TAB>text'.")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", default=None, help="a convs2s checkpoint (required unless --fairseq)")
+    p.add_argument("--fairseq", default=None, metavar="DIR",
+                   help="translate with a fairseq fconv folder instead: model.pt, dict.<src>.txt, dict.<tgt>.txt, "
+                        "optional bpecodes (applied and removed here). Input must already be tokenized the way the "
+                        "model was trained (fairseq's archives expect Moses tokenization; none is shipped here). "
+                        "Defaults become fairseq's: --beam 5 --max-len-a 0 --max-len-b 200")
+    p.add_argument("--fairseq-checkpoint", default="model.pt", help="checkpoint file name inside --fairseq DIR")
+    p.add_argument("--source-lang", default=None, help="with --fairseq (default: inferred)")
+    p.add_argument("--target-lang", default=None, help="with --fairseq (default: inferred)")
     p.add_argument("--input", default="-", help="plain or .gz file, one sentence a line ('-' = stdin)")
     p.add_argument("--output", default="-", help="'-' = stdout")
     p.add_argument("--backend", default=None, choices=("auto", "reference", "triton", "native"))
-    p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    p.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default 1, 5 with --fairseq)")
     p.add_argument("--nbest", type=int, default=1, help="hypotheses per sentence (<= --beam)")
     p.add_argument("--lenpen", type=float, default=1.0, help="length penalty: score = log-prob / length ** lenpen")
-    p.add_argument("--max-len-a", type=float, default=1.2)
-    p.add_argument("--max-len-b", type=int, default=10)
+    p.add_argument("--max-len-a", type=float, default=None, help="default 1.2 (0 with --fairseq)")
+    p.add_argument("--max-len-b", type=int, default=None, help="default 10 (200 with --fairseq)")
     _add_common(p)
     p.set_defaults(func=_run_translate)
+
+
+def _read_input(path: str, read_lines) -> list[str]:
+    return [line.rstrip("\r\n") for line in sys.stdin] if path == "-" else read_lines(path)
 
 
 def _run_translate(a: argparse.Namespace) -> int:
@@ -101,12 +114,30 @@ def _run_translate(a: argparse.Namespace) -> int:
     from .evaluate import resolve_device
     from .generate import nbest_lines
     from .train import load_checkpoint, model_from_checkpoint
+    # fairseq generate's defaults with --fairseq, this project's otherwise.
+    defaults = (5, 0.0, 200) if a.fairseq else (1, 1.2, 10)
+    a.beam, a.max_len_a, a.max_len_b = (d if v is None else v
+                                        for v, d in zip((a.beam, a.max_len_a, a.max_len_b), defaults))
     if not 1 <= a.nbest <= a.beam:
         raise SystemExit(f"convs2s translate: need 1 <= --nbest <= --beam, got --nbest {a.nbest} --beam {a.beam}")
-    model, tok = model_from_checkpoint(load_checkpoint(a.checkpoint), resolve_device(a.device), a.backend)
-    lines = [line.rstrip("\r\n") for line in sys.stdin] if a.input == "-" else read_lines(a.input)
-    hyps = nbest_lines(model, tok, lines, max_tokens=a.max_tokens, beam=a.beam, nbest=a.nbest,
-                       len_penalty=a.lenpen, max_len_a=a.max_len_a, max_len_b=a.max_len_b)
+    if (a.checkpoint is None) == (a.fairseq is None):
+        raise SystemExit("convs2s translate: give either --checkpoint FILE or --fairseq DIR")
+    if a.fairseq:
+        from .fairseq_translate import FairseqTranslator
+        try:
+            tr = FairseqTranslator.from_dir(a.fairseq, checkpoint=a.fairseq_checkpoint, source_lang=a.source_lang,
+                                            target_lang=a.target_lang, backend=a.backend or "auto",
+                                            device=resolve_device(a.device))
+        except ValueError as e:
+            raise SystemExit(f"convs2s translate: {e}") from None
+        lines = _read_input(a.input, read_lines)
+        hyps = tr.translate(lines, beam=a.beam, nbest=a.nbest, len_penalty=a.lenpen, max_len_a=a.max_len_a,
+                            max_len_b=a.max_len_b)
+    else:
+        model, tok = model_from_checkpoint(load_checkpoint(a.checkpoint), resolve_device(a.device), a.backend)
+        lines = _read_input(a.input, read_lines)
+        hyps = nbest_lines(model, tok, lines, max_tokens=a.max_tokens, beam=a.beam, nbest=a.nbest,
+                           len_penalty=a.lenpen, max_len_a=a.max_len_a, max_len_b=a.max_len_b)
     if a.nbest == 1:
         text = "".join(hs[0][0] + "\n" for hs in hyps)
     else:

@@ -482,3 +482,17 @@ def test_cli_plot_attention_writes_png(tiny_checkpoint, tmp_path, capsys):
         with open(out, "rb") as f:
             assert f.read(8) == PNG_SIGNATURE
     assert "wrote" in capsys.readouterr().err
+
+
+def test_decoder_starting_from_eos_can_still_end():
+    """fairseq-style models start the decoder from </s> (bos_idx == eos_idx): EOS must stay selectable."""
+    torch.manual_seed(0)
+    model = ConvS2S.from_preset("tiny", 20, 12, bos_idx=2, backend="reference").eval()
+    src = torch.randint(4, 20, (3, 5))
+    src[:, -1] = 2
+    for beam in (1, 4):
+        hyps = beam_search(model, src, beam=beam, nbest=2 if beam > 1 else 1, max_len_a=0, max_len_b=6)
+        for sentence in hyps:
+            assert sentence, "every sentence must get hypotheses"
+            for h in sentence:
+                assert h.tokens[-1].item() == 2 and (h.tokens[:-1] != 2).all()

@@ -15,7 +15,9 @@ FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.b
 
 
 def errors(a: torch.Tensor, ref64: torch.Tensor) -> tuple[float, float]:
-    d = (a.double() - ref64.double()).abs()
+    # On the CPU: the fp64 reference is often computed there while the fused result lives on the GPU (the
+    # conv_attention tests' only GPU run failed 20 cases on exactly that device mismatch).
+    d = (a.detach().cpu().double() - ref64.detach().cpu().double()).abs()
     return d.max().item(), d.mean().item()
 
 

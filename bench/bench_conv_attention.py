@@ -199,11 +199,7 @@ def _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, de
     rows = []
     for pname, fn, mult in (("fwd", fwd, 1.0), ("bwd", bwd, 2.0), ("fwd+bwd", both, 3.0)):
         try:
-            fn()  # warm-up: compile, autotune
-            launched = common.timeit(fn, device)
-            mem = common.peak_memory(fn, device)
-            replay = common.graphed(fn, device)
-            t = common.timeit(replay, device) if replay is not None else launched
+            t, launched, mem, was_graphed = common.time_pass(fn, device)
         except Exception as e:
             print(f"  {shape_s} {impl} {pname}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
             rows.append({"op": "conv_attention", "shape": shape_s, "pass": pname, "impl": impl,
@@ -214,7 +210,7 @@ def _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, de
         speedup = (eager_ms[pname] / t["ms"] if pname in eager_ms and impl != "triton-core" else None)
         tflops = mult * flops / (t["ms"] * 1e-3) / 1e12
         rows.append({"op": "conv_attention", "shape": shape_s, "pass": pname, "impl": impl, **t,
-                     "ms_with_launch": launched["ms"], "graph": replay is not None, "speedup_vs_eager": speedup,
+                     "ms_with_launch": launched["ms"], "graph": was_graphed, "speedup_vs_eager": speedup,
                      "peak_mem_bytes": mem, "tflops": tflops,
                      "pct_of_gemm": 100.0 * tflops / gemm if impl != "triton-core" else None,
                      "max_abs_diff_vs_eager": diff})

@@ -137,11 +137,7 @@ def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
 
         for pname, fn, mult in (("fwd", fwd, 1.0), ("bwd", bwd, 2.0), ("fwd+bwd", both, 3.0)):
             try:
-                fn()  # warm-up: compile, autotune
-                launched = common.timeit(fn, device)
-                mem = common.peak_memory(fn, device)
-                replay = common.graphed(fn, device)
-                t = common.timeit(replay, device) if replay is not None else launched
+                t, launched, mem, was_graphed = common.time_pass(fn, device)
             except Exception as e:
                 print(f"  {shape_s} {impl} {pname}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                 rows.append({"op": "glu_conv", "shape": shape_s, "pass": pname, "impl": impl,
@@ -151,7 +147,7 @@ def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
                 eager_ms[pname] = t["ms"]
             tflops = mult * flops_fwd / (t["ms"] * 1e-3) / 1e12
             rows.append({"op": "glu_conv", "shape": shape_s, "pass": pname, "impl": impl, **t,
-                         "ms_with_launch": launched["ms"], "graph": replay is not None,
+                         "ms_with_launch": launched["ms"], "graph": was_graphed,
                          "speedup_vs_eager": eager_ms[pname] / t["ms"] if pname in eager_ms else None,
                          "peak_mem_bytes": mem, "tflops": tflops, "pct_of_gemm": 100.0 * tflops / gemm,
                          "bytes_min": nbytes[pname], "gb_per_s": nbytes[pname] / (t["ms"] * 1e-3) / 1e9,

@@ -57,6 +57,18 @@ def graphed(fn, device: torch.device):
         return None
 
 
+def time_pass(fn: Callable[[], object], device: torch.device) -> tuple[dict, dict, int | None, bool]:
+    """(timing, timing with Python launches, peak bytes, graphed?) of one benchmark pass after a warm-up call.
+
+    `timing` is the CUDA-graph replay time where fn can be captured (launch overhead out), else the launch timing.
+    """
+    fn()  # warm-up: compile, autotune
+    launched = timeit(fn, device)
+    mem = peak_memory(fn, device)
+    replay = graphed(fn, device)
+    return (timeit(replay, device) if replay is not None else launched), launched, mem, replay is not None
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak bytes allocated by fn() beyond what was allocated before (CUDA only; None on CPU)."""
     if device.type != "cuda":

@@ -100,17 +100,43 @@ def read_fairseq_dict(path: str | os.PathLike) -> list[str]:
     return symbols
 
 
+def _allowed_globals() -> list:
+    """What torch's weights_only unpickler may build beyond tensors and containers: argparse.Namespace (fairseq's
+    `args`, and cfg['model'] of legacy architectures such as fconv) and numpy arrays / scalars / dtypes, which
+    fairseq-trained checkpoints keep in extra_state (val_loss, best, meters) - fairseq issue #5603. All of them
+    are data: none runs code given in the file. numpy pickles name its module numpy.core (numpy 1) or numpy._core
+    (numpy 2), so both spellings are allowed."""
+    allowed: list = [argparse.Namespace]
+    try:
+        import numpy as np
+    except ImportError:                       # torch works without numpy; such a checkpoint then names numpy
+        return allowed
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray
+    allowed += [np.ndarray, np.dtype]
+    if hasattr(np, "dtypes"):                 # numpy >= 1.25 pickles a dtype as its class (Float64DType, ...)
+        allowed += [cls for cls in vars(np.dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed += [(multiarray.scalar, f"{module}.scalar"), (multiarray._reconstruct, f"{module}._reconstruct")]
+    return allowed
+
+
 def load_fairseq_checkpoint(path: str | os.PathLike) -> dict:
-    """torch.load with weights_only=True; the only class allowed beyond tensors and containers is
-    argparse.Namespace (fairseq's `args`)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    """torch.load(weights_only=True) of a fairseq checkpoint (torch's zip or legacy format); beyond tensors and
+    containers only argparse.Namespace and numpy data are allowed (see _allowed_globals)."""
+    with torch.serialization.safe_globals(_allowed_globals()):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:  # its message names the global that was refused
+        except pickle.UnpicklingError as e:
+            try:                                             # zip-format files can be listed without unpickling
+                names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                         if g != "argparse.Namespace" and not g.startswith("numpy.")]
+            except Exception:                                # legacy format: torch's message names the first one
+                names = []
+            found = f"it holds {', '.join(names)}; " if names else ""
             raise ValueError(
-                f"cannot load {path} with weights_only=True (only argparse.Namespace is allowed beyond tensors "
-                "and containers). If the file is from a trusted source, keep only its 'args' (or 'cfg') and "
-                f"'model' entries with fairseq installed, and load that. torch said: {e}") from None
+                f"cannot load {path} with weights_only=True: {found}only tensors, containers, argparse.Namespace "
+                "and numpy data are allowed. If the file is from a trusted source, keep only its 'args' (or 'cfg') "
+                f"and 'model' entries with fairseq installed, and load that. torch said: {e}") from None
 
 
 def _model_args(ckpt: Mapping) -> dict:

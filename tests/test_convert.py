@@ -251,21 +251,52 @@ class _NotAllowed:
     pass
 
 
-def test_load_from_file_weights_only(tmp_path):
+def _saved_layouts(args, sd):
+    """What fairseq's checkpoints hold around the weights, by era (the entries the converter ignores included)."""
+    np = pytest.importorskip("numpy")
+    cfg_model = argparse.Namespace(**vars(args))         # legacy archs keep an argparse.Namespace in cfg['model']
+    meters = {"default": [(0, "loss", "AverageMeter", {"val": np.array([3.25]), "sum": np.float32(6.5),
+                                                       "count": np.int64(2), "round": 3})]}
+    return {
+        # torch 0.4-era legacy serialization, as the 2018 released fconv models were written
+        "fairseq-0.6-legacy-format": ({"args": args, "model": sd, "optimizer_history": [
+            {"criterion_name": "LabelSmoothedCrossEntropyCriterion", "optimizer_name": "FairseqNAG",
+             "lr_scheduler_state": {"best": 3.1}, "num_updates": 10}],
+            "extra_state": {"epoch": 3, "batch_offset": 0, "val_loss": 3.1}, "last_optimizer_state": {}}, False),
+        # val_loss / best as numpy scalars (fairseq issue #5603's failure under weights_only=True)
+        "fairseq-0.9": ({"args": args, "model": sd, "extra_state": {
+            "val_loss": np.float64(3.1), "best": np.float64(3.0), "train_iterator": {"epoch": 3}}}, True),
+        # args None, an omegaconf config saved as plain containers with the Namespace inside, numpy meters
+        "fairseq-0.12": ({"args": None, "cfg": {"_name": None, "common": {"seed": 1, "fp16": False},
+                                                "model": cfg_model, "task": {"_name": "translation"}},
+                          "model": sd, "criterion": None, "extra_state": {"metrics": meters, "best": np.float64(3.0),
+                                                                          "previous_training_time": 12.5}}, True),
+    }
+
+
+@pytest.mark.parametrize("era", ["fairseq-0.6-legacy-format", "fairseq-0.9", "fairseq-0.12"])
+def test_load_from_file_weights_only(tmp_path, era):
     args = _args()
     sd = _fairseq_state_dict(args, seed=7)
+    ckpt, zip_format = _saved_layouts(args, sd)[era]
     path = tmp_path / "checkpoint_best.pt"
-    torch.save({"args": args, "model": sd, "optimizer_history": [{"num_updates": 10}],
-                "extra_state": {"val_loss": 3.5}}, path)
+    torch.save(ckpt, path, _use_new_zipfile_serialization=zip_format)
     model = from_fairseq(path, backend="reference")
     src, prev = _batch(seed=8)
     with torch.no_grad():
         torch.testing.assert_close(model(src, None, prev), _fairseq_forward(sd, args, src, prev),
                                    rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_load_refuses_other_classes_and_names_them(tmp_path, zip_format):
+    args = _args()
     bad = tmp_path / "bad.pt"
-    torch.save({"args": args, "model": sd, "extra_state": _NotAllowed()}, bad)
-    with pytest.raises(ValueError, match="weights_only"):
+    torch.save({"args": args, "model": _fairseq_state_dict(args), "extra_state": _NotAllowed()}, bad,
+               _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(ValueError, match="weights_only=True") as err:
         from_fairseq(bad)
+    assert "_NotAllowed" in str(err.value)
 
 
 def test_cfg_model_namespace_and_arch_defaults():

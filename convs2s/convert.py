@@ -123,13 +123,14 @@ def _allowed_globals() -> list:
 def load_fairseq_checkpoint(path: str | os.PathLike) -> dict:
     """torch.load(weights_only=True) of a fairseq checkpoint (torch's zip or legacy format); beyond tensors and
     containers only argparse.Namespace and numpy data are allowed (see _allowed_globals)."""
-    with torch.serialization.safe_globals(_allowed_globals()):
+    allowed = _allowed_globals()
+    with torch.serialization.safe_globals(allowed):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             try:                                             # zip-format files can be listed without unpickling
-                names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
-                         if g != "argparse.Namespace" and not g.startswith("numpy.")]
+                ok = {a[1] if isinstance(a, tuple) else f"{a.__module__}.{a.__qualname__}" for a in allowed}
+                names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in ok]
             except Exception:                                # legacy format: torch's message names the first one
                 names = []
             found = f"it holds {', '.join(names)}; " if names else ""

@@ -23,7 +23,7 @@ $(PY):
 
 # Third-party packages; triton comes with the CUDA build of torch at the version torch pins.
 $(VENV)/.deps: $(PY) Makefile
-	$(PIP) install -q "$(TORCH)" numpy pytest pytest-benchmark hypothesis sentencepiece sacrebleu tqdm matplotlib ninja
+	$(PIP) install -q "$(TORCH)" numpy pytest pytest-benchmark hypothesis sentencepiece sacrebleu sacremoses tqdm matplotlib ninja
 	touch $@
 
 deps: $(VENV)/.deps

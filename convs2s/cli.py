@@ -2,7 +2,7 @@
 
     convs2s train     --preset auto --data DIR --src-lang de --tgt-lang en --save-dir runs/x --max-minutes 20
     convs2s translate --checkpoint runs/x/best.pt [--input FILE] [--beam 5 --nbest 2]    stdin -> stdout
-    convs2s translate --fairseq wmt14.en-fr.fconv-py [--beam 5]      a fairseq fconv folder, tokenized stdin
+    convs2s translate --fairseq wmt14.en-fr.fconv-py --tokenizer moses   a fairseq fconv folder, raw stdin
     convs2s plot-attention --checkpoint runs/x/best.pt --sentence "Ein Hund läuft." --out a.png [--layer all]
     convs2s evaluate  --checkpoint runs/x/best.pt --split test_2016_flickr   (or --src FILE --ref FILE)
     convs2s bench     [--device cuda] [--quick] [--only ...]      the benchmark suite (bench/run.py)
@@ -87,9 +87,12 @@ def _add_translate(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="a convs2s checkpoint (required unless --fairseq)")
     p.add_argument("--fairseq", default=None, metavar="DIR",
                    help="translate with a fairseq fconv folder instead: model.pt, dict.<src>.txt, dict.<tgt>.txt, "
-                        "optional bpecodes (applied and removed here). Input must already be tokenized the way the "
-                        "model was trained (fairseq's archives expect Moses tokenization; none is shipped here). "
-                        "Defaults become fairseq's: --beam 5 --max-len-a 0 --max-len-b 200")
+                        "optional bpecodes (applied and removed here). Input must be tokenized the way the model "
+                        "was trained, or give --tokenizer moses (fairseq's released fconv archives expect Moses "
+                        "tokenization). Defaults become fairseq's: --beam 5 --max-len-a 0 --max-len-b 200")
+    p.add_argument("--tokenizer", default="none", choices=("none", "moses"),
+                   help="with --fairseq: 'moses' tokenizes the input and detokenizes the output as fairseq's "
+                        "--tokenizer moses does (needs sacremoses); 'none' (default) takes tokenized input")
     p.add_argument("--fairseq-checkpoint", default="model.pt", help="checkpoint file name inside --fairseq DIR")
     p.add_argument("--source-lang", default=None, help="with --fairseq (default: inferred)")
     p.add_argument("--target-lang", default=None, help="with --fairseq (default: inferred)")
@@ -127,12 +130,13 @@ def _run_translate(a: argparse.Namespace) -> int:
         try:
             tr = FairseqTranslator.from_dir(a.fairseq, checkpoint=a.fairseq_checkpoint, source_lang=a.source_lang,
                                             target_lang=a.target_lang, backend=a.backend or "auto",
+                                            tokenizer=None if a.tokenizer == "none" else a.tokenizer,
                                             device=resolve_device(a.device))
         except ValueError as e:
             raise SystemExit(f"convs2s translate: {e}") from None
         lines = _read_input(a.input, read_lines)
         hyps = tr.translate(lines, beam=a.beam, nbest=a.nbest, len_penalty=a.lenpen, max_len_a=a.max_len_a,
-                            max_len_b=a.max_len_b)
+                            max_len_b=a.max_len_b, max_tokens=a.max_tokens)
     else:
         model, tok = model_from_checkpoint(load_checkpoint(a.checkpoint), resolve_device(a.device), a.backend)
         lines = _read_input(a.input, read_lines)

@@ -1,13 +1,18 @@
 """Translate with a fairseq fconv archive folder (model.pt, dict.<src>.txt, dict.<tgt>.txt, optional bpecodes).
 
-    tr = FairseqTranslator.from_dir("wmt14.en-fr.fconv-py", source_lang="en", target_lang="fr")
-    tr.translate(["Hello world !"])          # [[(text, score)]] per line, best first
+    tr = FairseqTranslator.from_dir("wmt14.en-fr.fconv-py", source_lang="en", target_lang="fr", tokenizer="moses")
+    tr.translate(["Hello world!"])           # [[(text, score)]] per line, best first
 
-Per line: strip, apply BPE (when the folder has codes), map tokens with the source dictionary (unknown -> <unk>),
-append </s>, beam search (fairseq's generate defaults: beam 5, length penalty 1, max length 0 * |src| + 200),
-map ids back with the target dictionary, drop the final </s>, remove BPE ("@@ ").
-Input must already be tokenized the way the model's training data was (fairseq's archives expect Moses
-tokenization); no tokenizer or detokenizer is applied here.
+Per line, fairseq's hub pipeline: strip, Moses-tokenize (tokenizer="moses": sacremoses with fairseq's settings,
+aggressive dash splits and escaping on; None: the input is already tokenized), apply BPE (when the folder has
+codes), map tokens with the source dictionary (unknown -> <unk>), append </s>; beam search (fairseq's generate
+defaults: beam 5, length penalty 1, max length 0 * |src| + 200); then map ids back with the target dictionary,
+drop the final </s>, remove BPE ("@@ ") and Moses-detokenize.
+
+Lines are searched in batches of similar length (at most max_tokens source tokens, left-padded as fairseq pads
+sources). Sentences finish independently in convs2s.search, so a line's hypotheses do not depend on its batch
+beyond floating-point rounding of the padded computation (fairseq-generate batches the same way); with
+max_len_a != 0 each sentence's length limit comes from its own length (fairseq-interactive's batch-of-one result).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from pathlib import Path
 import torch
 
 from .bpe import BPE, remove_bpe
-from .convert import EOS, UNK, from_fairseq, load_fairseq_checkpoint, read_fairseq_dict
+from .convert import EOS, PAD, UNK, from_fairseq, load_fairseq_checkpoint, read_fairseq_dict
+from .data import token_batches
 from .search import beam_search
 
 BPE_CODE_NAMES = ("bpecodes", "code", "codes")   # names fairseq's released archives use for subword-nmt codes
@@ -53,19 +59,45 @@ def _infer_langs(folder: Path, ckpt, source_lang, target_lang) -> tuple[str, str
     return fits[0]
 
 
-class FairseqTranslator:
-    """A converted fconv model with its symbol lists (index = id) and optional BPE; `translate` does the pipeline."""
+class Moses:
+    """fairseq's `--tokenizer moses` (sacremoses): tokenize with aggressive dash splits and escaping, as fairseq's
+    MosesTokenizer defaults do; detokenize whitespace-split tokens."""
 
-    def __init__(self, model, src_symbols: list[str], tgt_symbols: list[str], bpe: BPE | None = None):
-        self.model, self.src_symbols, self.tgt_symbols, self.bpe = model, src_symbols, tgt_symbols, bpe
+    def __init__(self, source_lang: str, target_lang: str):
+        try:
+            from sacremoses import MosesDetokenizer, MosesTokenizer
+        except ImportError:
+            raise ValueError("tokenizer 'moses' needs sacremoses: pip install sacremoses") from None
+        self.tok, self.detok = MosesTokenizer(lang=source_lang), MosesDetokenizer(lang=target_lang)
+
+    def encode(self, text: str) -> str:
+        return self.tok.tokenize(text, aggressive_dash_splits=True, return_str=True, escape=True)
+
+    def decode(self, text: str) -> str:
+        return self.detok.detokenize(text.split())
+
+
+TOKENIZERS = (None, "moses")
+
+
+class FairseqTranslator:
+    """A converted fconv model with its symbol lists (index = id), optional BPE and tokenizer; `translate` does the
+    pipeline."""
+
+    def __init__(self, model, src_symbols: list[str], tgt_symbols: list[str], bpe: BPE | None = None,
+                 tokenizer: Moses | None = None):
+        self.model, self.src_symbols, self.tgt_symbols = model, src_symbols, tgt_symbols
+        self.bpe, self.tokenizer = bpe, tokenizer
         self.src_index = {}
         for i, s in enumerate(src_symbols):
             self.src_index.setdefault(s, i)             # a repeated symbol keeps its first id
 
     @classmethod
     def from_dir(cls, folder: str | os.PathLike, *, checkpoint: str = "model.pt", source_lang: str | None = None,
-                 target_lang: str | None = None, backend: str = "auto",
+                 target_lang: str | None = None, tokenizer: str | None = None, backend: str = "auto",
                  device: torch.device | str = "cpu") -> "FairseqTranslator":
+        if tokenizer not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer {tokenizer!r}; choose one of {TOKENIZERS}")
         folder = Path(folder)
         if not folder.is_dir():
             raise ValueError(f"fairseq folder {folder} does not exist")
@@ -85,11 +117,14 @@ class FairseqTranslator:
         model = from_fairseq(ckpt, src_dict=dicts[source_lang], tgt_dict=dicts[target_lang], backend=backend)
         codes = next((folder / n for n in BPE_CODE_NAMES if (folder / n).is_file()), None)
         return cls(model.to(device), dicts[source_lang], dicts[target_lang],
-                   BPE.from_file(codes) if codes is not None else None)
+                   BPE.from_file(codes) if codes is not None else None,
+                   Moses(source_lang, target_lang) if tokenizer == "moses" else None)
 
     def encode(self, line: str) -> list[int]:
-        """A tokenized sentence -> source ids ending with </s>, cut to the model's source positions."""
+        """A sentence -> source ids ending with </s>, cut to the model's source positions."""
         text = line.strip()
+        if self.tokenizer is not None:
+            text = self.tokenizer.encode(text)
         if self.bpe is not None:
             text = self.bpe.apply(text)
         ids = [self.src_index.get(tok, UNK) for tok in text.split()]
@@ -97,20 +132,30 @@ class FairseqTranslator:
         return ids + [EOS]
 
     def decode(self, ids: list[int]) -> str:
-        """Target ids (ending with </s>) -> text with BPE removed."""
+        """Target ids (ending with </s>) -> text with BPE removed (and detokenized with a tokenizer)."""
         if ids and ids[-1] == EOS:
             ids = ids[:-1]
-        return remove_bpe(" ".join(self.tgt_symbols[i] for i in ids))
+        text = remove_bpe(" ".join(self.tgt_symbols[i] for i in ids))
+        return self.tokenizer.decode(text) if self.tokenizer is not None else text
 
+    @torch.no_grad()
     def translate(self, lines: list[str], *, beam: int = 5, nbest: int = 1, len_penalty: float = 1.0,
-                  max_len_a: float = 0.0, max_len_b: int = 200) -> list[list[tuple[str, float]]]:
-        """Per line, `nbest` (text, score) best first; one sentence per search, so results do not depend on
-        batching."""
+                  max_len_a: float = 0.0, max_len_b: int = 200,
+                  max_tokens: int = 4000) -> list[list[tuple[str, float]]]:
+        """Per line (input order), `nbest` (text, score) best first; lines are searched in length-sorted batches
+        of at most `max_tokens` padded source tokens."""
         device = next(self.model.parameters()).device
-        out = []
-        for line in lines:
-            src = torch.tensor([self.encode(line)], dtype=torch.long, device=device)
-            hyps = beam_search(self.model, src, torch.tensor([src.shape[1]], device=device), beam=beam,
-                               nbest=nbest, len_penalty=len_penalty, max_len_a=max_len_a, max_len_b=max_len_b)[0]
-            out.append([(self.decode(h.tokens.tolist()), h.score) for h in hyps])
+        encoded = [self.encode(line) for line in lines]
+        sizes = [len(ids) for ids in encoded]
+        out: list[list[tuple[str, float]]] = [[] for _ in lines]
+        for idx in token_batches(sizes, sizes, max(max_tokens, max(sizes, default=0))):
+            width = max(sizes[i] for i in idx)
+            src = torch.full((len(idx), width), PAD, dtype=torch.long)
+            for row, i in enumerate(idx):
+                src[row, width - sizes[i]:] = torch.tensor(encoded[i])        # left-padded, as fairseq's sources
+            lengths = torch.tensor([sizes[i] for i in idx])
+            hyps = beam_search(self.model, src.to(device), lengths.to(device), beam=beam, nbest=nbest,
+                               len_penalty=len_penalty, max_len_a=max_len_a, max_len_b=max_len_b)
+            for i, hs in zip(idx, hyps):
+                out[i] = [(self.decode(h.tokens.tolist()), h.score) for h in hs]
         return out

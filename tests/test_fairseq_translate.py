@@ -47,18 +47,21 @@ def _made_of_target_words(text: str) -> bool:
 def test_pipeline_matches_beam_search_on_converted_model(folder, monkeypatch):
     fed = []
 
-    def recording(model, src, *a, **k):
-        fed.append(src.clone())
-        return beam_search(model, src, *a, **k)
+    def recording(model, src, lengths, *a, **k):
+        fed.append((src.clone(), lengths.clone()))
+        return beam_search(model, src, lengths, *a, **k)
     monkeypatch.setattr(ft, "beam_search", recording)
     tr = ft.FairseqTranslator.from_dir(folder, backend="reference")     # languages inferred: de -> en
     assert tr.src_symbols[4:] == SRC_WORDS and tr.tgt_symbols[4:] == TGT_WORDS
     got = tr.translate(LINES, beam=3, nbest=2, max_len_a=0.5, max_len_b=7)
 
-    # "lower newest" -BPE-> "low@@ er ne@@ we@@ s@@ t": er ne@@ we@@ t are source symbols 6 7 9 11; low@@ and
-    # s@@ are not (unk 3).
-    assert fed[0].tolist() == [[3, 6, 7, 9, 3, 11, 2]]
-    assert all(src[0, -1].item() == 2 for src in fed) and len(fed) == len(LINES)
+    # One length-sorted batch, left-padded like fairseq's sources. "lower newest" -BPE-> "low@@ er ne@@ we@@ s@@ t":
+    # er ne@@ we@@ t are source symbols 6 7 9 11; low@@ and s@@ are not (unk 3).
+    assert len(fed) == 1
+    src, lengths = fed[0]
+    rows = {tuple(r[r.ne(1)].tolist()) for r in src}
+    assert (3, 6, 7, 9, 3, 11, 2) in rows and len(rows) == len(LINES)
+    assert all(r[-1].item() == 2 and r[: src.shape[1] - n].eq(1).all() for r, n in zip(src, lengths.tolist()))
 
     model = from_fairseq(torch.load(folder / "model.pt", weights_only=False), backend="reference")
     bpe = BPE.from_file(folder / "bpecodes")
@@ -70,9 +73,50 @@ def test_pipeline_matches_beam_search_on_converted_model(folder, monkeypatch):
         for (text, score), h in zip(hyps, ref):
             assert h.tokens[-1].item() == 2
             assert text == remove_bpe(" ".join(tr.tgt_symbols[i] for i in h.tokens[:-1].tolist()))
-            assert score == pytest.approx(h.score, abs=1e-6)
+            # fp64 model: the padded batch and the sentence alone differ by rounding only
+            assert score == pytest.approx(h.score, abs=1e-9)
             assert "@@" not in text and _made_of_target_words(text), text
     assert any(h[0][0] for h in got)            # not every translation is empty
+
+
+def test_batches_do_not_change_translations(folder):
+    tr = ft.FairseqTranslator.from_dir(folder, backend="reference")
+    lines = LINES * 3 + ["low", "newest newest lower low low"]
+    one_by_one = tr.translate(lines, beam=4, nbest=3, max_tokens=1)     # every batch a single sentence
+    batched = tr.translate(lines, beam=4, nbest=3)
+    assert [[t for t, _ in hs] for hs in batched] == [[t for t, _ in hs] for hs in one_by_one]
+    for hs, ref in zip(batched, one_by_one):
+        assert [s for _, s in hs] == pytest.approx([s for _, s in ref], abs=1e-9)
+
+
+def test_moses_tokenizer_in_and_detokenizer_out(folder, monkeypatch):
+    """fairseq's --tokenizer moses settings: aggressive dash splits and escaping on the way in, detokenizing on
+    the way out (sacremoses; install it with pip install sacremoses)."""
+    pytest.importorskip("sacremoses")
+    tr = ft.FairseqTranslator.from_dir(folder, backend="reference", tokenizer="moses")
+    assert tr.tokenizer.encode("lower-newest, \"low\"!") == "lower @-@ newest , &quot; low &quot; !"
+    assert tr.decode([tr.tgt_symbols.index(w) for w in ("the", "ca@@", "t", "on")] + [2]) == "the cat on"
+    assert tr.tokenizer.decode("the cat &apos;s mat .") == "the cat's mat."
+
+    fed = []
+    monkeypatch.setattr(ft, "beam_search", lambda m, src, lengths, **k: fed.append(src) or beam_search(
+        m, src, lengths, **k))
+    tr.translate(["low,low"])
+    # "low,low" -Moses-> "low , low" -BPE-> "lo@@ w , lo@@ w" (no merge makes "low</w>"): lo@@ is source symbol
+    # 8, w 5, "," unknown (3)
+    assert fed[0].tolist() == [[8, 5, 3, 8, 5, 2]]
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        ft.FairseqTranslator.from_dir(folder, tokenizer="spm")
+
+
+def test_cli_tokenizer_moses(folder, monkeypatch, capsys):
+    pytest.importorskip("sacremoses")
+    lines = ["low,low", "lower-newest \"low\""]
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("\n".join(lines) + "\n"))
+    assert cli.main(["translate", "--fairseq", str(folder), "--tokenizer", "moses", "--beam", "2",
+                     "--backend", "reference", "--device", "cpu"]) == 0
+    tr = ft.FairseqTranslator.from_dir(folder, backend="reference", tokenizer="moses")
+    assert capsys.readouterr().out.splitlines() == [hs[0][0] for hs in tr.translate(lines, beam=2)]
 
 
 def test_cli_defaults_output_and_nbest_format(folder, monkeypatch, capsys, tmp_path):

@@ -1,6 +1,7 @@
 """The benchmark suite: every op- and model-level benchmark for the backends this machine has.
 
-    python -m bench.run [--device cuda|cpu] [--quick] [--out DIR] [--only glu_conv conv_attention train generate table3]
+    python -m bench.run [--device cuda|cpu] [--quick] [--out DIR]
+                        [--only glu_conv conv_attention train generate fairseq table3]
 
 Writes one JSON per benchmark into DIR (default bench/out/<device>/), plus suite.json with the measured ceilings
 (GEMM rate, copy bandwidth) and every row, and speedups.png (speedup over eager per benchmark row, matplotlib).
@@ -28,9 +29,12 @@ BENCHES = {
     "conv_attention": "bench_conv_attention",
     "train": "bench_train",
     "generate": "bench_generate",
+    "fairseq": "bench_fairseq",  # a converted fconv_wmt_en_de generating with beam 5, per backend
     "table3": "bench_table3",   # the paper's Table 3 (minutes on a GPU): only when asked for with --only
 }
-DEFAULT = ["glu_conv", "conv_attention", "train", "generate"]
+# fairseq is in the CPU default too: its --quick run is 3 short sentences on the full-size model (16 s with one
+# thread on the project's 2-core machine; 35 s for the CPU default of 8 sentences).
+DEFAULT = ["glu_conv", "conv_attention", "train", "generate", "fairseq"]
 
 
 def ceilings(device: torch.device, quick: bool) -> dict:

@@ -11,10 +11,16 @@ each step scores every (beam, token) continuation by cumulative log-probability,
 among the best `beam` finishes a hypothesis (normalised by its length), the best `beam` non-EOS continuations go
 on. A sentence is done when it has `beam` finished hypotheses or reaches its maximum length, where EOS is forced;
 done sentences leave the batch (their decoder rows are dropped), so sentences finish independently.
+tests/test_fairseq_search.py holds it to an oracle of fairseq's algorithm (hypotheses, order, scores), down to
+its corners: k = min(2*beam, entries - 1) candidates (beam 0's V entries at step 0), and the slot fairseq keeps
+an ended hypothesis in when fewer than `beam` continuations remain (beam = V - 1 with min_len 0).
 
 Lengths: a hypothesis has at most max_len tokens before its EOS, max_len = floor(max_len_a * src_length +
 max_len_b) per sentence (or given), clamped to max_target_positions - 1 (the decoder input is BOS + tokens) and
-to at least min_len; EOS is banned before min_len tokens. PAD and BOS are never generated.
+to at least min_len; EOS is banned before min_len tokens. PAD (and BOS where it differs from EOS) is never
+generated. fairseq takes one max_len per batch from the PADDED source width: with max_len_a = 0 (its default)
+the two agree; with max_len_a != 0 they agree for batches of one sentence (what fairseq_translate sends), and in
+a padded batch each sentence gets the hypotheses fairseq gives it alone.
 
 incremental=True steps the decoder with convs2s.incremental (O(1) per token); False recomputes the decoder over
 the whole prefix at every step (the bentrevett notebook's way: O(T) per token), kept for comparison and tests.
@@ -139,6 +145,7 @@ def _search(model, src_tokens, src_lengths, K, max_len_a, max_len_b, max_len, mi
     tokens = torch.full((B * K, 1), bos, dtype=torch.long, device=device)      # (N, 1 + step)
     banned = [pad] if bos == eos else [pad, bos]          # fairseq-converted models start from EOS (bos == eos)
     cum, pos_scores, attn_hist = None, None, None
+    ignored = torch.zeros(B, K, dtype=torch.bool, device=device)              # (n, K) fairseq's cands_to_ignore
     finalized: list[list[Hypothesis]] = [[] for _ in range(B)]
     for step in range(int(max_lens.max()) + 1):
         logits, attn = stepper.step(tokens[:, -1], need_attention)             # (N, V), (N, nL, Ts)
@@ -152,15 +159,23 @@ def _search(model, src_tokens, src_lengths, K, max_len_a, max_len_b, max_len, mi
         cand = lprobs if cum is None else cum[:, None] + lprobs                  # (N, V) cumulative
         n = N // K
         cand = cand.view(n, K, V)
+        # fairseq's BeamSearch.step takes k = min(2K, entries - 1) candidates (one entry fewer: PAD is never
+        # chosen), the entries being beam 0's V at step 0 (all beams are BOS) and the K*V of all beams after.
+        # Beams wider than V - 1, which fairseq clamps to V - 1, take K at step 0.
         if step == 0:
             cand = cand.clone()
             cand[:, 1:] = -math.inf                                             # all beams are BOS: expand beam 0
-        top_scores, top_idx = cand.view(n, K * V).topk(2 * K, dim=1)             # (n, 2K)
+            n_cand = min(2 * K, max(K, V - 1))
+        else:
+            n_cand = min(2 * K, K * V - 1)
+        top_scores, top_idx = cand.view(n, K * V).topk(n_cand, dim=1)           # (n, k)
         top_tok = top_idx % V
-        top_rows = top_idx // V + torch.arange(n, device=device)[:, None] * K   # (n, 2K) row in [0, N)
-        top_is_eos = top_tok.eq(eos)
+        top_rows = top_idx // V + torch.arange(n, device=device)[:, None] * K   # (n, k) row in [0, N)
+        # fairseq's eos_mask: EOS with a finite score; an ignored slot among the first K neither ends nor goes on.
+        ended = top_tok.eq(eos) & top_scores.isfinite()                          # (n, k)
+        ended[:, :K] &= ~ignored
 
-        fin_i, fin_j = (top_is_eos[:, :K] & top_scores[:, :K].isfinite()).nonzero(as_tuple=True)
+        fin_i, fin_j = ended[:, :K].nonzero(as_tuple=True)
         if fin_i.numel() > 0:
             fin_rows = top_rows[fin_i, fin_j]
             _finalize(finalized, [sent[i] for i in fin_i.tolist()], top_scores[fin_i, fin_j].tolist(), K, step,
@@ -169,14 +184,20 @@ def _search(model, src_tokens, src_lengths, K, max_len_a, max_len_b, max_len, mi
         if all(done):
             break
 
-        # The best K non-EOS continuations of each sentence (2K candidates hold at most K EOS, one per beam).
-        key = torch.arange(2 * K, device=device).expand(n, 2 * K) + top_is_eos * (2 * K)
-        sel = key.topk(K, dim=1, largest=False).indices                          # (n, K), best first
+        # The best K candidates of each sentence that neither ended nor sit in an ignored slot. The k candidates
+        # hold at most one ended EOS per beam, so K others exist except where k = K at step 0 (beam = V - 1)
+        # and EOS ended there. fairseq then fills the last slots with ended candidates anyway, so an ended
+        # hypothesis goes on, and marks those slots ignored for the next step (cands_to_ignore): the candidate
+        # at that position then neither ends nor continues, which can leave too few again. Reproduced here.
+        ended[:, :K] |= ignored
+        key = torch.arange(n_cand, device=device).expand(n, n_cand) + ended * (2 * K)
+        key, sel = key.topk(K, dim=1, largest=False)                             # (n, K), best first
+        ignored = key >= 2 * K
         new_rows, new_tok, new_cum = top_rows.gather(1, sel), top_tok.gather(1, sel), top_scores.gather(1, sel)
         same_sources = not any(done)
         if not same_sources:
             keep = torch.tensor([not d for d in done], device=device)
-            new_rows, new_tok, new_cum = new_rows[keep], new_tok[keep], new_cum[keep]
+            new_rows, new_tok, new_cum, ignored = new_rows[keep], new_tok[keep], new_cum[keep], ignored[keep]
             sent = [s for s, d in zip(sent, done) if not d]
         order = new_rows.reshape(-1)                                            # (N',) rows kept, reordered
         new_tok, cum = new_tok.reshape(-1), new_cum.reshape(-1)

@@ -6,12 +6,12 @@ zero probability and gradient), non-contiguous inputs, opcheck, torch.compile, a
 checks. CUDA cases skip without a GPU.
 """
 
-import math
 
 import pytest
 import torch
 
 from convs2s.ops import available_backends, conv_attention, conv_attention_ref
+from tests.attention_cases import check_against_reference, make_inputs, mask_from, op_args, run
 from tests.tolerance import assert_close_rule
 
 _WHY = available_backends("cpu")["native"]
@@ -21,76 +21,6 @@ if _WHY is None:
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
-INPUTS = ("x", "target_embedding", "encoder_keys", "encoder_values", "w_in", "b_in", "w_out", "b_out")
-
-
-def mask_from(Ts, spans):
-    """(B, Ts) bool, True = padding, from one (first real, last real + 1) span per sentence; None: no mask."""
-    if spans is None:
-        return None
-    pos = torch.arange(Ts)[None, :]
-    lo = torch.tensor([s[0] for s in spans])[:, None]
-    hi = torch.tensor([s[1] for s in spans])[:, None]
-    return (pos < lo) | (pos >= hi)
-
-
-def make_inputs(B, Tt, Ts, C, E):
-    """fp64 tensors in the contract's order. Keys are scaled so that scores spread over a few units: a softmax
-    that is neither uniform nor one-hot."""
-    return {
-        "x": torch.randn(B, Tt, C, dtype=torch.float64),
-        "target_embedding": torch.randn(B, Tt, E, dtype=torch.float64),
-        "encoder_keys": torch.randn(B, Ts, E, dtype=torch.float64) / E ** 0.25,
-        "encoder_values": torch.randn(B, Ts, E, dtype=torch.float64),
-        "w_in": torch.randn(E, C, dtype=torch.float64) / math.sqrt(C),
-        "b_in": torch.randn(E, dtype=torch.float64),
-        "w_out": torch.randn(C, E, dtype=torch.float64) / math.sqrt(E),
-        "b_out": torch.randn(C, dtype=torch.float64),
-    }
-
-
-def args(t, mask):
-    return (t["x"], t["target_embedding"], t["encoder_keys"], t["encoder_values"], mask, t["w_in"], t["b_in"],
-            t["w_out"], t["b_out"])
-
-
-def run(fn, t, mask, need_weights, gout, gattn, dtype, device, **kw):
-    """(out, attn, {input: grad}) of fn on copies of t in dtype on device; loss = <out, gout> (+ <attn, gattn>)."""
-    leaves = {n: v.detach().to(device, dtype).requires_grad_() for n, v in t.items()}
-    m = None if mask is None else mask.to(device)
-    out, attn = fn(*args(leaves, m), need_weights=need_weights, **kw)
-    loss = (out.double() * gout.to(device)).sum()
-    if gattn is not None:
-        loss = loss + (attn.double() * gattn.to(device)).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return out, attn, dict(zip(leaves, grads))
-
-
-def check(t, mask, dtype, device, need_weights=True, attn_in_loss=True):
-    B, Tt, C = t["x"].shape
-    gout = torch.randn(B, Tt, C, dtype=torch.float64)
-    gattn = torch.randn(B, Tt, t["encoder_keys"].shape[1], dtype=torch.float64) if attn_in_loss else None
-    o64, a64, g64 = run(conv_attention_ref, t, mask, True, gout, gattn, torch.float64, "cpu")
-    ol, al, gl = run(conv_attention_ref, t, mask, True, gout, gattn, dtype, device)
-    of, af, gf = run(conv_attention, t, mask, need_weights, gout, gattn, dtype, device, backend="native")
-    assert of.dtype == dtype and of.device.type == device
-    assert_close_rule("out", of, ol, o64, dtype)
-    if need_weights:
-        assert af.dtype == dtype and af.shape == a64.shape
-        assert_close_rule("attn", af, al, a64, dtype)
-    else:
-        assert af is None
-    for name in INPUTS:
-        assert gf[name].shape == t[name].shape, name
-        assert_close_rule("d" + name, gf[name], gl[name], g64[name], dtype)
-    if mask is not None:  # padded source positions: exactly zero probability and key/value gradient
-        pad = mask.to(device)
-        if need_weights:
-            assert torch.all(af.masked_select(pad[:, None, :]) == 0)
-        assert torch.all(gf["encoder_keys"][pad] == 0)
-        assert torch.all(gf["encoder_values"][pad] == 0)
-
-
 # (B, Tt, Ts, C, E, spans, need_weights, attn_in_loss); spans: each sentence's real source positions [lo, hi).
 CASES = {
     "all_lengths_different": (3, 37, 29, 24, 40, [(0, 29), (0, 17), (0, 5)], True, True),
@@ -117,14 +47,16 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(case, dtype, device):
     B, Tt, Ts, C, E, spans, need_weights, attn_in_loss = CASES[case]
-    check(make_inputs(B, Tt, Ts, C, E), mask_from(Ts, spans), dtype, device, need_weights, attn_in_loss)
+    check_against_reference("native", make_inputs(B, Tt, Ts, C, E), mask_from(Ts, spans), dtype, device,
+                            need_weights, attn_in_loss)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_model_sized(device):
     # The benchmark's layer width and a translation batch's lengths.
     spans = [(0, 32 - (i % 7)) for i in range(8)]
-    check(make_inputs(8, 30, 32, 512, 256), mask_from(32, spans), torch.float32, device, False, False)
+    check_against_reference("native", make_inputs(8, 30, 32, 512, 256), mask_from(32, spans), torch.float32,
+                            device, False, False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -170,7 +102,7 @@ def test_non_contiguous_inputs(device):
 
     leaves = {n: strided(v) for n, v in t.items()}
     assert not any(v.is_contiguous() for v in leaves.values()) and not strided_mask.is_contiguous()
-    out, attn = conv_attention(*args(leaves, strided_mask), need_weights=True, backend="native")
+    out, attn = conv_attention(*op_args(leaves, strided_mask), need_weights=True, backend="native")
     grads = torch.autograd.grad((out.double() * gout.to(device)).sum(), list(leaves.values()))
     o64, a64, g64 = run(conv_attention_ref, t, mask, True, gout, None, torch.float64, "cpu")
     ol, al, gl = run(conv_attention_ref, t, mask, True, gout, None, torch.float32, device)
@@ -185,12 +117,12 @@ def test_only_the_weights_reach_the_loss():
     t = make_inputs(2, 6, 9, 8, 10)
     mask = mask_from(9, [(0, 9), (2, 7)])
     leaves = {n: v.detach().clone().requires_grad_() for n, v in t.items()}
-    _, attn = conv_attention(*args(leaves, mask), need_weights=True, backend="native")
+    _, attn = conv_attention(*op_args(leaves, mask), need_weights=True, backend="native")
     gattn = torch.randn_like(attn)
     names = ["x", "target_embedding", "encoder_keys", "w_in", "b_in"]  # w_out, b_out, values do not reach attn
     got = torch.autograd.grad((attn * gattn).sum(), [leaves[n] for n in names])
     ref_leaves = {n: v.detach().clone().requires_grad_() for n, v in t.items()}
-    _, attn_ref = conv_attention_ref(*args(ref_leaves, mask), need_weights=True)
+    _, attn_ref = conv_attention_ref(*op_args(ref_leaves, mask), need_weights=True)
     want = torch.autograd.grad((attn_ref * gattn).sum(), [ref_leaves[n] for n in names])
     for n, a, e in zip(names, got, want):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=n)
@@ -198,8 +130,8 @@ def test_only_the_weights_reach_the_loss():
 
 def test_auto_picks_native_on_cpu():
     t = make_inputs(2, 3, 4, 5, 6)
-    a = conv_attention(*args(t, None))
-    b = conv_attention(*args(t, None), backend="native")
+    a = conv_attention(*op_args(t, None))
+    b = conv_attention(*op_args(t, None), backend="native")
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
 
 
@@ -208,7 +140,7 @@ def test_auto_picks_native_on_cpu():
 def _op_args(mask=True, requires_grad=True, dtype=torch.float32):
     t = make_inputs(2, 5, 7, 8, 6)
     leaves = {n: v.to(dtype).requires_grad_(requires_grad) for n, v in t.items()}
-    return args(leaves, mask_from(7, [(0, 7), (1, 4)]) if mask else None)
+    return op_args(leaves, mask_from(7, [(0, 7), (1, 4)]) if mask else None)
 
 
 @pytest.mark.parametrize("mask", [True, False])

@@ -9,7 +9,6 @@ On a GPU every test runs on CUDA tensors with one config per kernel (autotuning 
 and test_cuda_every_config runs each config; pytest-xdist (-n 16) spreads the compilations.
 """
 
-import math
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convs2s.ops import available_backends, conv_attention, conv_attention_ref
+from tests.attention_cases import INPUTS, check_against_reference, make_inputs, mask_from, op_args, run
 from tests.tolerance import assert_close_rule
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -30,80 +30,6 @@ def _one_config_per_kernel(monkeypatch):
     test_cuda_every_config checks each config, so whichever the tuner picks is covered."""
     from convs2s.kernels import conv_attention as k
     monkeypatch.setattr(k, "AUTOTUNE", False)
-
-
-INPUTS = ("x", "target_embedding", "encoder_keys", "encoder_values", "w_in", "b_in", "w_out", "b_out")
-
-
-def mask_from(Ts: int, spans) -> torch.Tensor | None:
-    """(B, Ts) bool, True = padding, from one (first real, last real + 1) span per sentence; None: no mask."""
-    if spans is None:
-        return None
-    pos = torch.arange(Ts)[None, :]
-    lo = torch.tensor([s[0] for s in spans])[:, None]
-    hi = torch.tensor([s[1] for s in spans])[:, None]
-    return (pos < lo) | (pos >= hi)
-
-
-def make_inputs(B, Tt, Ts, C, E, mask):
-    """fp64 leaf tensors on CPU in the contract's order (the mask is not a leaf). Keys are scaled so that
-    scores have a spread of a few units: a softmax that is neither uniform nor one-hot."""
-    t = {
-        "x": torch.randn(B, Tt, C, dtype=torch.float64),
-        "target_embedding": torch.randn(B, Tt, E, dtype=torch.float64),
-        "encoder_keys": torch.randn(B, Ts, E, dtype=torch.float64) / E ** 0.25,
-        "encoder_values": torch.randn(B, Ts, E, dtype=torch.float64),
-        "w_in": torch.randn(E, C, dtype=torch.float64) / math.sqrt(C),
-        "b_in": torch.randn(E, dtype=torch.float64),
-        "w_out": torch.randn(C, E, dtype=torch.float64) / math.sqrt(E),
-        "b_out": torch.randn(C, dtype=torch.float64),
-    }
-    return t, mask
-
-
-def _args(t, mask):
-    return (t["x"], t["target_embedding"], t["encoder_keys"], t["encoder_values"], mask, t["w_in"], t["b_in"],
-            t["w_out"], t["b_out"])
-
-
-def run(fn, t, mask, need_weights, gout, gattn, dtype, device, **kw):
-    """(out, attn, {input: grad}) of fn on copies of t in `dtype` on `device`; loss = <out, gout> (+ <attn, gattn>)."""
-    leaves = {n: v.detach().to(device, dtype).requires_grad_() for n, v in t.items()}
-    m = None if mask is None else mask.to(device)
-    out, attn = fn(*_args(leaves, m), need_weights=need_weights, **kw)
-    loss = (out.double() * gout.to(device)).sum()
-    if gattn is not None:
-        loss = loss + (attn.double() * gattn.to(device)).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return out.cpu(), (None if attn is None else attn.cpu()), {n: g.cpu() for n, g in zip(leaves, grads)}
-
-
-def check_against_reference(t, mask, dtype, need_weights=True, attn_in_loss=True, device=DEVICE):
-    """The fused op vs fp64 reference, with the same-dtype PyTorch reference setting the tolerance."""
-    B, Tt, _ = t["x"].shape
-    gout = torch.randn(B, Tt, t["x"].shape[2], dtype=torch.float64)
-    gattn = torch.randn(B, Tt, t["encoder_keys"].shape[1], dtype=torch.float64) if attn_in_loss else None
-    o64, a64, g64 = run(conv_attention_ref, t, mask, True, gout, gattn, torch.float64, "cpu")
-    ol, al, gl = run(conv_attention_ref, t, mask, True, gout, gattn, dtype, device)
-    of, af, gf = run(conv_attention, t, mask, need_weights, gout, gattn, dtype, device,
-                     backend="triton")
-    assert of.dtype == dtype
-    assert_close_rule("out", of, ol, o64, dtype)
-    if need_weights:
-        assert af.dtype == dtype
-        assert_close_rule("attn", af, al, a64, dtype)
-    else:
-        assert af is None
-    for name in INPUTS:
-        assert gf[name].shape == t[name].shape
-        assert_close_rule("d" + name, gf[name], gl[name], g64[name], dtype)
-    if mask is not None:
-        # Padded source positions: exactly zero probability, exactly zero key/value gradient.
-        pad = mask
-        if need_weights:
-            assert torch.all(af.masked_select(pad[:, None, :]) == 0)
-        assert torch.all(gf["encoder_keys"][pad] == 0)
-        assert torch.all(gf["encoder_values"][pad] == 0)
 
 
 # (B, Tt, Ts, C, E, spans, need_weights, attn_in_loss); spans: each sentence's real source positions [lo, hi).
@@ -130,8 +56,8 @@ def strategy(request, monkeypatch):
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(case, dtype, strategy):
     B, Tt, Ts, C, E, spans, need_weights, attn_in_loss = CASES[case]
-    t, mask = make_inputs(B, Tt, Ts, C, E, mask_from(Ts, spans))
-    check_against_reference(t, mask, dtype, need_weights, attn_in_loss)
+    t, mask = make_inputs(B, Tt, Ts, C, E), mask_from(Ts, spans)
+    check_against_reference("triton", t, mask, dtype, DEVICE, need_weights, attn_in_loss)
 
 
 @st.composite
@@ -155,15 +81,15 @@ def test_hypothesis_shapes(shape, monkeypatch):
     from convs2s.kernels import conv_attention as k
     B, Tt, Ts, C, E, spans, need_weights, strategy = shape
     monkeypatch.setattr(k, "BACKWARD", strategy)
-    t, mask = make_inputs(B, Tt, Ts, C, E, mask_from(Ts, spans))
-    check_against_reference(t, mask, torch.float32, need_weights, attn_in_loss=need_weights)
+    t, mask = make_inputs(B, Tt, Ts, C, E), mask_from(Ts, spans)
+    check_against_reference("triton", t, mask, torch.float32, DEVICE, need_weights, attn_in_loss=need_weights)
 
 
 def test_non_contiguous_inputs():
     """Every input a strided view: every other channel of a wider buffer, a transposed (B, E, Ts) storage for the
     keys, transposed weight storage, every other column of a wider mask."""
     B, Tt, Ts, C, E = 2, 19, 22, 12, 20
-    t, mask = make_inputs(B, Tt, Ts, C, E, mask_from(Ts, [(0, 22), (5, 14)]))
+    t, mask = make_inputs(B, Tt, Ts, C, E), mask_from(Ts, [(0, 22), (5, 14)])
     dtype = torch.float32
     wide_mask = torch.zeros(B, 2 * Ts, dtype=torch.bool, device=DEVICE)
     wide_mask[:, ::2] = mask.to(DEVICE)
@@ -192,7 +118,7 @@ def test_non_contiguous_inputs():
         leaves[n] = torch.empty_strided(v.shape, v.stride(), dtype=dtype, device=DEVICE).copy_(v).requires_grad_()
     assert not any(v.is_contiguous() for n, v in leaves.items() if n != "b_out")
     assert not strided_mask.is_contiguous()
-    out, attn = conv_attention(*_args(leaves, strided_mask), need_weights=True, backend="triton")
+    out, attn = conv_attention(*op_args(leaves, strided_mask), need_weights=True, backend="triton")
     grads = torch.autograd.grad((out.double() * gout.to(DEVICE)).sum(), list(leaves.values()))
     assert_close_rule("out", out.cpu(), ol, o64, dtype)
     assert_close_rule("attn", attn.cpu(), al, a64, dtype)
@@ -206,12 +132,12 @@ def test_other_tile_config(monkeypatch, strategy):
     from convs2s.kernels import conv_attention as k
     monkeypatch.setattr(k, "INTERPRET_CONFIG", {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_EK": 32, "BLOCK_EO": 64,
                                                 "num_warps": 4, "num_stages": 1})
-    t, mask = make_inputs(2, 35, 40, 16, 70, mask_from(40, [(0, 40), (4, 31)]))
-    check_against_reference(t, mask, torch.float32, need_weights=True, attn_in_loss=True)
+    t, mask = make_inputs(2, 35, 40, 16, 70), mask_from(40, [(0, 40), (4, 31)])
+    check_against_reference("triton", t, mask, torch.float32, DEVICE, need_weights=True, attn_in_loss=True)
 
 
 def test_backward_is_deterministic(strategy):
-    t, mask = make_inputs(2, 21, 34, 16, 24, mask_from(34, [(0, 34), (0, 9)]))
+    t, mask = make_inputs(2, 21, 34, 16, 24), mask_from(34, [(0, 34), (0, 9)])
     gout = torch.randn(2, 21, 16, dtype=torch.float64)
     _, _, g1 = run(conv_attention, t, mask, False, gout, None, torch.float32, DEVICE, backend="triton")
     _, _, g2 = run(conv_attention, t, mask, False, gout, None, torch.float32, DEVICE, backend="triton")
@@ -221,20 +147,20 @@ def test_backward_is_deterministic(strategy):
 
 def test_weights_requested_but_unused_in_loss(strategy):
     """need_weights=True with a loss on `out` only: the weights' gradient is None, not a zero tensor."""
-    t, mask = make_inputs(2, 10, 12, 8, 16, mask_from(12, [(0, 12), (2, 7)]))
-    check_against_reference(t, mask, torch.float32, need_weights=True, attn_in_loss=False)
+    t, mask = make_inputs(2, 10, 12, 8, 16), mask_from(12, [(0, 12), (2, 7)])
+    check_against_reference("triton", t, mask, torch.float32, DEVICE, need_weights=True, attn_in_loss=False)
 
 
 def test_float64_is_refused():
-    t, mask = make_inputs(1, 3, 4, 8, 16, None)
+    t, mask = make_inputs(1, 3, 4, 8, 16), None
     with pytest.raises(TypeError, match="float32, torch.float16, torch.bfloat16; got torch.float64"):
-        conv_attention(*_args({n: v.to(DEVICE) for n, v in t.items()}, mask), backend="triton")
+        conv_attention(*op_args({n: v.to(DEVICE) for n, v in t.items()}, mask), backend="triton")
 
 
 def _op_args(requires_grad=True, dtype=torch.float32):
-    t, mask = make_inputs(2, 5, 7, 8, 16, mask_from(7, [(0, 7), (1, 4)]))
+    t, mask = make_inputs(2, 5, 7, 8, 16), mask_from(7, [(0, 7), (1, 4)])
     leaves = {n: v.to(DEVICE, dtype).requires_grad_(requires_grad) for n, v in t.items()}
-    return _args(leaves, mask.to(DEVICE))
+    return op_args(leaves, mask.to(DEVICE))
 
 
 def test_opcheck_forward():
@@ -352,15 +278,15 @@ def test_cuda_every_config(kernel, monkeypatch):
     from convs2s.kernels import conv_attention as k
     tuner = getattr(k, kernel)
     monkeypatch.setattr(k, "BACKWARD", "flash" if kernel in ("_bwd_dq", "_bwd_dkdv") else "materialize")
-    t, mask = make_inputs(2, 70, 45, 64, 300, mask_from(45, [(0, 45), (3, 30)]))
+    t, mask = make_inputs(2, 70, 45, 64, 300), mask_from(45, [(0, 45), (3, 30)])
     configs = list(tuner.configs)
     try:
         for cfg in configs:
             print(kernel, cfg)
             tuner.configs = [cfg]            # one config: the autotuner runs it without timing
             tuner.cache.clear()
-            check_against_reference(t, mask, torch.bfloat16, need_weights=True, attn_in_loss=True,
-                                    device=torch.device("cuda"))
+            check_against_reference("triton", t, mask, torch.bfloat16, "cuda", need_weights=True,
+                                    attn_in_loss=True)
     finally:
         tuner.configs = configs
         tuner.cache.clear()
@@ -371,5 +297,5 @@ def test_cuda_every_config(kernel, monkeypatch):
 @pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: "x".join(map(str, c[:5])))
 def test_cuda_matches_reference(case, dtype, strategy):
     B, Tt, Ts, C, E, spans = case
-    t, mask = make_inputs(B, Tt, Ts, C, E, mask_from(Ts, spans))
-    check_against_reference(t, mask, dtype, need_weights=True, attn_in_loss=True, device=torch.device("cuda"))
+    t, mask = make_inputs(B, Tt, Ts, C, E), mask_from(Ts, spans)
+    check_against_reference("triton", t, mask, dtype, "cuda", need_weights=True, attn_in_loss=True)

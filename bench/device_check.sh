@@ -50,6 +50,7 @@ fi
 export PYTHONUNBUFFERED=1
 DATA=${CONVS2S_DATA:-$ROOT/data/multi30k}
 GPU_TESTS=${GPU_TESTS:-}
+FAIRSEQ_CAP=${FAIRSEQ_CAP:-120}   # seconds for bench_fairseq inside bench_model
 SUMMARY=$W/summary.txt
 printf '%-12s %-8s %6s  %s\n' step status secs note > "$SUMMARY"
 
@@ -118,12 +119,24 @@ sanitizer() {
 }
 
 # Model level: the training step against eager (torch.compile of the whole model costs minutes of compile
-# here, so the suite's compile column is left to `make bench`), then generation.
+# here, so the suite's compile column is left to `make bench`), then generation, then a converted fairseq
+# fconv_wmt_en_de (210 M parameters) generating with beam 5 per backend and dtype: 200 sentences, 2 timed passes
+# each (its default is 500 x 3), under a limit of its own so that it cannot eat the training run's time; it
+# rewrites its JSON after every row, so a run stopped at the limit keeps the rows it finished.
 bench_model() {
+  local rc=0 r size="--sentences 200 --repeats 2"
+  [ $DRY = 1 ] && size=--quick
   mkdir -p "$W/bench_model"
   "$PY" -m bench.bench_train --device $DEVICE $QUICK --presets multi30k --impls eager triton native \
-      --out "$W/bench_model/train.json"
-  "$PY" -m bench.bench_generate --device $DEVICE $QUICK --out "$W/bench_model/generate.json"
+      --out "$W/bench_model/train.json" || rc=$?
+  "$PY" -m bench.bench_generate --device $DEVICE $QUICK --out "$W/bench_model/generate.json" || rc=$?
+  timeout --signal=TERM --kill-after=5 "$FAIRSEQ_CAP" \
+      "$PY" -m bench.bench_fairseq --device $DEVICE $size --out "$W/bench_model/fairseq.json" || {
+    r=$?; rc=$r
+    [ $r = 124 ] && echo "bench_fairseq: stopped at its $FAIRSEQ_CAP s limit; fairseq.json holds the rows it finished"
+  }
+  echo "bench_model: train, generate, fairseq: exit status $rc (the last failure's, if any)"
+  return $rc
 }
 
 train_run() {
@@ -136,13 +149,13 @@ train_run() {
 
 # The steps run under `timeout bash -c`, which sees exported functions and variables only.
 export -f env_info build gpu_tests sanitizer bench_model train_run
-export DRY PY DEVICE DATA W ROOT QUICK GPU_TESTS
+export DRY PY DEVICE DATA W ROOT QUICK GPU_TESTS FAIRSEQ_CAP
 step env 30 env_info
 step build 200 build
 step bench_ops 170 "$PY" -m bench.run --device $DEVICE $QUICK --only glu_conv conv_attention --out "$W/bench"
 step tests 150 gpu_tests
 step sanitizer 90 sanitizer
-step bench_model 150 bench_model
+step bench_model 270 bench_model
 step train 400 train_run
 for f in "$W"/bench/*.json "$W"/bench_model/*.json "$W"/train_metrics.json; do
   [ -f "$f" ] && echo "$f" | sed "s|$W/||"

@@ -50,6 +50,7 @@ class OracleTrace:
     finish_step: dict = field(default_factory=dict)            # sentence -> step it left the batch
     forced_end: set = field(default_factory=set)               # sentences that reached max_len (EOS forced)
     ignored_slots: int = 0                                     # cands_to_ignore entries ever set
+    inner_eos: int = 0                                         # final hypotheses with an EOS before their last
 
 
 def fairseq_beam_search(model, src, *, beam, max_len_a, max_len_b, min_len, len_penalty, unk_penalty=0.0):
@@ -159,6 +160,7 @@ def fairseq_beam_search(model, src, *, beam, max_len_a, max_len_b, min_len, len_
         reorder = active_bbsz_idx
 
     out = [sorted(hyps, key=lambda h: h[1], reverse=True) for hyps in finalized]   # stable, as fairseq's
+    trace.inner_eos = sum(eos in toks[:-1] for hyps in out for toks, _, _ in hyps)
     return out, trace
 
 
@@ -265,6 +267,7 @@ def test_matches_fairseq(name, beam, len_penalty, incremental):
                                    incremental=incremental)
     assert len(set(trace.finish_step.values())) > 1, "all sentences left the batch at the same step"
     assert trace.forced_end, "no sentence reached max_len"
+    assert trace.ignored_slots == 0 and trace.inner_eos == 0             # fairseq's corner needs beam = V - 1
 
 
 @pytest.mark.parametrize("seed,beam", [(5, 2), (5, 5), (3, 5)])
@@ -293,16 +296,34 @@ def test_short_max_len_forces_ends(seed, beam):
 @pytest.mark.parametrize("tgt_vocab,beam", [(6, 5), (6, 2), (4, 3)])
 def test_tiny_target_vocabulary(tgt_vocab, beam, min_len):
     """V = 6 or 4 (<s>, <pad>, </s>, <unk>, then 2 or 0 words): at step 0 fairseq takes k = V - 1 < 2 * beam
-    candidates. With beam = V - 1 and min_len 0 an EOS among them leaves fewer than `beam` continuations: fairseq
-    keeps the ended hypothesis in an ignored slot (cands_to_ignore), and it goes on being extended."""
+    candidates."""
     model = converted(8, tgt_vocab=tgt_vocab, eos_bias=1.0)
     src = left_padded([6, 3, 4], seed=8)
     trace = assert_same_hypotheses(model, src, beam=beam, max_len_b=5, min_len=min_len, len_penalty=1.0)
     assert trace.step0_candidates == min(2 * beam, tgt_vocab - 1)
-    if beam == tgt_vocab - 1 and min_len == 0:
-        assert trace.ignored_slots > 0
-    else:
-        assert trace.ignored_slots == 0
+    assert (trace.ignored_slots > 0) == (beam == tgt_vocab - 1 and min_len == 0)
+    assert trace.inner_eos == 0 or trace.ignored_slots > 0
+
+
+@pytest.mark.parametrize("seed,tgt_vocab,eos_bias", [(10, 6, 1.0), (15, 4, 1.0), (18, 5, 0.5), (14, 6, 0.5)])
+def test_ended_hypothesis_kept_in_an_ignored_slot(seed, tgt_vocab, eos_bias):
+    """beam = V - 1 and min_len 0: step 0 has k = beam candidates, one of them an EOS that ends a hypothesis, so
+    fewer than `beam` remain to go on. fairseq's active_mask then picks the ended candidate anyway (it goes on
+    after its EOS) and marks its slot in cands_to_ignore: at the next step the candidate in that position neither
+    ends nor continues. Hypotheses with an EOS inside result; both rules change them in these cases."""
+    model = converted(seed, tgt_vocab=tgt_vocab, eos_bias=eos_bias)
+    src = left_padded([6, 3, 4], seed=seed)
+    trace = assert_same_hypotheses(model, src, beam=tgt_vocab - 1, max_len_b=5, min_len=0, len_penalty=1.0)
+    assert trace.ignored_slots > 0 and trace.inner_eos > 0
+
+
+@pytest.mark.parametrize("beam", [2, 5])
+def test_max_len_clamped_by_decoder_positions(beam):
+    """max_len_b beyond the decoder's positions: fairseq and ours stop at max_target_positions - 1 = 19."""
+    model = converted(9, eos_bias=-1.0)                  # EOS rare: hypotheses run to the limit
+    src = left_padded([4, 6], seed=9)
+    trace = assert_same_hypotheses(model, src, beam=beam, max_len_b=50, min_len=1, len_penalty=1.0)
+    assert trace.forced_end and max(trace.finish_step.values()) == model.config.max_target_positions - 1
 
 
 def test_max_len_a_matches_fairseq_for_one_sentence_batches():

@@ -140,7 +140,8 @@ def fairseq_checkpoint(arch: str = "fconv_wmt_en_de", src_vocab: int = VOCAB, tg
 
     for side, vocab in (("encoder", src_vocab), ("decoder", tgt_vocab)):
         E = getattr(args, f"{side}_embed_dim")
-        layers = [tuple(s) + (1,) if len(s) == 2 else tuple(s) for s in parse_layer_string(getattr(args, f"{side}_layers"))]
+        layers = [tuple(s) + (1,) if len(s) == 2 else tuple(s)           # (channels, k, residual distance)
+                  for s in parse_layer_string(getattr(args, f"{side}_layers"))]
         flags = [attention] * len(layers) if isinstance(attention, bool) else list(attention)
         embedding(f"{side}.embed_tokens.weight", vocab, E)
         embedding(f"{side}.embed_positions.weight", max_positions + PAD + 1, E)
@@ -241,6 +242,8 @@ def main(argv=None) -> list[dict]:
     # bf16 first on CUDA: the setting convs2s.generate uses there, kept if a time limit cuts the run short.
     dtypes = args.dtype or (["bf16", "fp32"] if cuda else ["fp32"])
     repeats = args.repeats or (3 if cuda else 1)
+    if min(sentences, batch_sentences, repeats) < 1 or (max_len is not None and max_len < 2):
+        raise SystemExit("need --sentences, --batch-sentences, --repeats >= 1 and --max-len >= 2 (a token and EOS)")
     if args.threads:
         torch.set_num_threads(args.threads)
     usable = step_backends(device)

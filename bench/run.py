@@ -31,8 +31,9 @@ BENCHES = {
     "fairseq": "bench_fairseq",  # a converted fconv_wmt_en_de generating with beam 5, per backend
     "table3": "bench_table3",   # the paper's Table 3 (minutes on a GPU): only when asked for with --only
 }
-# fairseq is in the CPU default too: its --quick run is 3 short sentences on the full-size model (16 s with one
-# thread on the project's 2-core machine; 35 s for the CPU default of 8 sentences).
+# fairseq is in the CPU default too: its --quick run (3 short sentences on the full-size model, conversion and
+# search included) took 16 s with one thread on the project's 2-core machine, 45 s with torch's two threads while
+# other jobs loaded it; its CPU default (8 sentences) 35 s with one thread.
 DEFAULT = ["glu_conv", "conv_attention", "train", "generate", "fairseq"]
 
 

@@ -145,7 +145,7 @@ def _search(model, src_tokens, src_lengths, K, max_len_a, max_len_b, max_len, mi
     tokens = torch.full((B * K, 1), bos, dtype=torch.long, device=device)      # (N, 1 + step)
     banned = [pad] if bos == eos else [pad, bos]          # fairseq-converted models start from EOS (bos == eos)
     cum, pos_scores, attn_hist = None, None, None
-    ignored = torch.zeros(B, K, dtype=torch.bool, device=device)              # (n, K) fairseq's cands_to_ignore
+    ignored = None                                    # (n, K) fairseq's cands_to_ignore, once it can be set
     finalized: list[list[Hypothesis]] = [[] for _ in range(B)]
     for step in range(int(max_lens.max()) + 1):
         logits, attn = stepper.step(tokens[:, -1], need_attention)             # (N, V), (N, nL, Ts)
@@ -168,12 +168,17 @@ def _search(model, src_tokens, src_lengths, K, max_len_a, max_len_b, max_len, mi
             n_cand = min(2 * K, max(K, V - 1))
         else:
             n_cand = min(2 * K, K * V - 1)
+        # At most one candidate per live beam ends (1 beam at step 0, K after); with k - that >= K, K others go on
+        # and no slot is ignored. Skipping the bookkeeping then saves ~40 us per step (5 small ops, CPU).
+        if ignored is None and n_cand - (1 if step == 0 else K) < K:
+            ignored = torch.zeros(n, K, dtype=torch.bool, device=device)
         top_scores, top_idx = cand.view(n, K * V).topk(n_cand, dim=1)           # (n, k)
         top_tok = top_idx % V
         top_rows = top_idx // V + torch.arange(n, device=device)[:, None] * K   # (n, k) row in [0, N)
         # fairseq's eos_mask: EOS with a finite score; an ignored slot among the first K neither ends nor goes on.
         ended = top_tok.eq(eos) & top_scores.isfinite()                          # (n, k)
-        ended[:, :K] &= ~ignored
+        if ignored is not None:
+            ended[:, :K] &= ~ignored
 
         fin_i, fin_j = ended[:, :K].nonzero(as_tuple=True)
         if fin_i.numel() > 0:
@@ -189,15 +194,18 @@ def _search(model, src_tokens, src_lengths, K, max_len_a, max_len_b, max_len, mi
         # and EOS ended there. fairseq then fills the last slots with ended candidates anyway, so an ended
         # hypothesis goes on, and marks those slots ignored for the next step (cands_to_ignore): the candidate
         # at that position then neither ends nor continues, which can leave too few again. Reproduced here.
-        ended[:, :K] |= ignored
+        if ignored is not None:
+            ended[:, :K] |= ignored
         key = torch.arange(n_cand, device=device).expand(n, n_cand) + ended * (2 * K)
         key, sel = key.topk(K, dim=1, largest=False)                             # (n, K), best first
-        ignored = key >= 2 * K
         new_rows, new_tok, new_cum = top_rows.gather(1, sel), top_tok.gather(1, sel), top_scores.gather(1, sel)
+        if ignored is not None:
+            ignored = key >= 2 * K
         same_sources = not any(done)
         if not same_sources:
             keep = torch.tensor([not d for d in done], device=device)
-            new_rows, new_tok, new_cum, ignored = new_rows[keep], new_tok[keep], new_cum[keep], ignored[keep]
+            new_rows, new_tok, new_cum = new_rows[keep], new_tok[keep], new_cum[keep]
+            ignored = None if ignored is None else ignored[keep]
             sent = [s for s, d in zip(sent, done) if not d]
         order = new_rows.reshape(-1)                                            # (N',) rows kept, reordered
         new_tok, cum = new_tok.reshape(-1), new_cum.reshape(-1)

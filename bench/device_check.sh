@@ -105,7 +105,8 @@ gpu_tests() {
     # compiles over the 16 cores. GPU_TESTS overrides the selection.
     "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 300 -rfE ${GPU_TESTS:-tests/test_glu_conv_triton.py \
         tests/test_conv_attention_triton.py tests/test_glu_conv_native.py tests/test_conv_attention_native.py \
-        tests/test_generate.py tests/test_model.py}
+        tests/test_generate.py tests/test_model.py \
+        tests/test_bench_fairseq.py::test_bench_on_cuda_every_backend_and_dtype}
   fi
 }
 

@@ -105,3 +105,20 @@ def test_unusable_backend_is_refused():
 
 def test_suite_lists_the_benchmark():
     assert run.BENCHES["fairseq"] == "bench_fairseq" and "fairseq" in run.DEFAULT
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_on_cuda_every_backend_and_dtype(tmp_path):
+    """On CUDA: Triton joins, bf16 autocast rows come first, peak memory is reported, tokens are still exact."""
+    n, max_len = 4, 10
+    rows = bench_fairseq.main(["--device", "cuda", "--arch", "fconv_iwslt_de_en", "--width-divisor", "4",
+                               "--src-vocab", "300", "--tgt-vocab", "200", "--sentences", str(n),
+                               "--batch-sentences", "3", "--max-len", str(max_len), "--repeats", "1",
+                               "--out", str(tmp_path / "fairseq.json")])
+    backends = bench_fairseq.step_backends(torch.device("cuda"))
+    assert "triton" in backends
+    assert [(r["backend"], r["dtype"]) for r in rows] == [(b, d) for b in backends for d in ("bf16", "fp32")]
+    _, tgt = bench_fairseq.newstest_en_de_lengths(n, max_len=max_len)
+    for r in rows:
+        assert r["target_tokens"] == int(tgt.sum()) and r["peak_mem_mib"] > 0
+        assert r["speedup_vs_reference"] > 0

@@ -19,8 +19,9 @@ Lengths: a hypothesis has at most max_len tokens before its EOS, max_len = floor
 max_len_b) per sentence (or given), clamped to max_target_positions - 1 (the decoder input is BOS + tokens) and
 to at least min_len; EOS is banned before min_len tokens. PAD (and BOS where it differs from EOS) is never
 generated. fairseq takes one max_len per batch from the PADDED source width: with max_len_a = 0 (its default)
-the two agree; with max_len_a != 0 they agree for batches of one sentence (what fairseq_translate sends), and in
-a padded batch each sentence gets the hypotheses fairseq gives it alone.
+the two agree; with max_len_a != 0 they agree for batches of one sentence, and in a padded batch each sentence
+gets the hypotheses fairseq gives it alone. For fairseq's batch-wide limit, pass
+max_len=int(max_len_a * src_tokens.shape[1] + max_len_b).
 
 incremental=True steps the decoder with convs2s.incremental (O(1) per token); False recomputes the decoder over
 the whole prefix at every step (the bentrevett notebook's way: O(T) per token), kept for comparison and tests.

@@ -2,6 +2,7 @@
 #   make train   train ConvS2S on Multi30k De->En and print test BLEU (see README)
 #   make test    the test suite (CPU; Triton kernels through TRITON_INTERPRET=1 when there is no GPU)
 #   make bench   the benchmark suite for the backends this machine has
+#   make test-fairseq   convs2s against real fairseq (tests/test_fairseq_real.py) in its own .venv-fairseq
 
 SHELL := /bin/bash
 VENV ?= .venv
@@ -13,7 +14,7 @@ DATA ?= $(if $(wildcard ../shared/data/multi30k/train.de.gz),../shared/data/mult
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all install deps test train bench clean
+.PHONY: all install deps test test-fairseq train bench clean
 
 all: test
 
@@ -37,6 +38,22 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Real fairseq (fairseq-fixed: fairseq 0.12.2 with Python 3.11 fixes) pins old hydra/omegaconf and builds Cython
+# and C++ extensions, so it gets its own environment; convs2s is used from this tree (reference backend, no build).
+# CONVS2S_REQUIRE_FAIRSEQ=1 turns the test file's import skip into a failure.
+FAIRSEQ_VENV ?= .venv-fairseq
+$(FAIRSEQ_VENV)/.deps: Makefile
+	python3 -m venv $(FAIRSEQ_VENV)
+	$(FAIRSEQ_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FAIRSEQ_VENV)/bin/python -m pip install -q "$(TORCH)" numpy cython ninja setuptools wheel pytest hypothesis \
+		sentencepiece sacrebleu subword-nmt==0.3.8 sacremoses
+	$(FAIRSEQ_VENV)/bin/python -m pip install -q --no-build-isolation fairseq-fixed==0.12.3.1
+	touch $@
+
+test-fairseq: $(FAIRSEQ_VENV)/.deps
+	CONVS2S_REQUIRE_FAIRSEQ=1 PYTHONPATH=$(CURDIR) $(FAIRSEQ_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		-W ignore::UserWarning -W ignore::FutureWarning -W ignore::DeprecationWarning tests/test_fairseq_real.py
 
 # Multi30k De->En: preset auto = "multi30k" on a GPU, "small" on a CPU, for TRAIN_MINUTES (default 20) of
 # wall-clock time; then test_2016_flickr sacreBLEU + chrF of the best checkpoint and five example translations.

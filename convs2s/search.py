@@ -191,7 +191,7 @@ def _search(model, src_tokens, src_lengths, K, max_len_a, max_len_b, max_len, mi
             break
 
         # The best K candidates of each sentence that neither ended nor sit in an ignored slot. The k candidates
-        # hold at most one ended EOS per beam, so K others exist except where k = K at step 0 (beam = V - 1)
+        # hold at most one ended EOS per beam, so K others exist except where k = K at step 0 (beam >= V - 1)
         # and EOS ended there. fairseq then fills the last slots with ended candidates anyway, so an ended
         # hypothesis goes on, and marks those slots ignored for the next step (cands_to_ignore): the candidate
         # at that position then neither ends nor continues, which can leave too few again. Reproduced here.

@@ -302,20 +302,22 @@ def test_tiny_target_vocabulary(tgt_vocab, beam, min_len):
     model = converted(8, tgt_vocab=tgt_vocab, eos_bias=1.0)
     src = left_padded([6, 3, 4], seed=8)
     trace = assert_same_hypotheses(model, src, beam=beam, max_len_b=5, min_len=min_len, len_penalty=1.0)
-    assert trace.step0_candidates == min(2 * beam, tgt_vocab - 1)
+    assert trace.step0_candidates == min(2 * beam, tgt_vocab - 1)      # < 2 * beam for (6, 5) and (4, 3)
     assert (trace.ignored_slots > 0) == (beam == tgt_vocab - 1 and min_len == 0)
     assert trace.inner_eos == 0 or trace.ignored_slots > 0
 
 
+@pytest.mark.parametrize("incremental", [True, False], ids=["incremental", "full-recompute"])
 @pytest.mark.parametrize("seed,tgt_vocab,eos_bias", [(10, 6, 1.0), (15, 4, 1.0), (18, 5, 0.5), (14, 6, 0.5)])
-def test_ended_hypothesis_kept_in_an_ignored_slot(seed, tgt_vocab, eos_bias):
+def test_ended_hypothesis_kept_in_an_ignored_slot(seed, tgt_vocab, eos_bias, incremental):
     """beam = V - 1 and min_len 0: step 0 has k = beam candidates, one of them an EOS that ends a hypothesis, so
     fewer than `beam` remain to go on. fairseq's active_mask then picks the ended candidate anyway (it goes on
     after its EOS) and marks its slot in cands_to_ignore: at the next step the candidate in that position neither
     ends nor continues. Hypotheses with an EOS inside result; both rules change them in these cases."""
     model = converted(seed, tgt_vocab=tgt_vocab, eos_bias=eos_bias)
     src = left_padded([6, 3, 4], seed=seed)
-    trace = assert_same_hypotheses(model, src, beam=tgt_vocab - 1, max_len_b=5, min_len=0, len_penalty=1.0)
+    trace = assert_same_hypotheses(model, src, beam=tgt_vocab - 1, max_len_b=5, min_len=0, len_penalty=1.0,
+                                   incremental=incremental)
     assert trace.ignored_slots > 0 and trace.inner_eos > 0
 
 

@@ -221,7 +221,7 @@ def from_fairseq(checkpoint, *, src_dict=None, tgt_dict=None, backend: str = "au
             raise ValueError("share_input_output_embed is set but decoder.fc3.weight differs from the embedding")
 
     dtype = sd["encoder.embed_tokens.weight"].dtype
-    model = ConvS2S(cfg).to(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    model = ConvS2S.uninitialized(cfg, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
     expected = model.state_dict()
     unexpected = sorted(set(ours) - set(expected))
     if unexpected:

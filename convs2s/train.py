@@ -164,9 +164,9 @@ def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu", backen
     cfg = dict(ckpt["config"])
     if backend is not None:
         cfg["backend"] = backend
-    model = ConvS2S(ConvS2SConfig.from_dict(cfg))
+    model = ConvS2S.uninitialized(ConvS2SConfig.from_dict(cfg), device=device)
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), Tokenizer.from_state(ckpt["tokenizer"])
+    return model.eval(), Tokenizer.from_state(ckpt["tokenizer"])
 
 
 def _rng_state(device: torch.device) -> dict:

@@ -189,3 +189,21 @@ def test_all_padding_source_sentence_is_an_error():
     src = tokens(2, 4, 40, lengths=[4, 0])
     with pytest.raises(ValueError, match=r"src_tokens has no real \(non-padding\) token in sentence\(s\) \[1\]"):
         m(src, None, tokens(2, 3, 50))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_uninitialized_model_loads_a_state_dict_exactly(tied):
+    """ConvS2S.uninitialized (meta-device build, for loading checkpoints): same parameters, same tie, and after
+    load_state_dict the same outputs as the model the state came from."""
+    over = dict(share_decoder_input_output_embed=True, decoder_out_embed_dim=16) if tied else {}
+    ref = ConvS2S.from_preset("tiny", 20, 24, dropout=0.0, **over).double().eval()
+    model = ConvS2S.uninitialized(ref.config, dtype=torch.float64)
+    assert [(n, p.shape, p.dtype) for n, p in model.named_parameters()] == \
+        [(n, p.shape, p.dtype) for n, p in ref.named_parameters()]
+    assert (model.decoder.fc3.weight is model.decoder.embed_tokens.weight) == tied
+    model.load_state_dict(ref.state_dict())
+    src = torch.randint(4, 20, (2, 7))
+    src[:, -1] = 2
+    prev = torch.randint(4, 24, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(src, None, prev), ref(src, None, prev))

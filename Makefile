@@ -53,7 +53,8 @@ $(FAIRSEQ_VENV)/.deps: Makefile
 
 test-fairseq: $(FAIRSEQ_VENV)/.deps
 	CONVS2S_REQUIRE_FAIRSEQ=1 PYTHONPATH=$(CURDIR) $(FAIRSEQ_VENV)/bin/python -m pytest -q -p no:cacheprovider \
-		-W ignore::UserWarning -W ignore::FutureWarning -W ignore::DeprecationWarning tests/test_fairseq_real.py
+		-W ignore::UserWarning -W ignore::FutureWarning -W ignore::DeprecationWarning tests/test_fairseq_real.py \
+		tests/test_fairseq_search.py
 
 # Multi30k De->En: preset auto = "multi30k" on a GPU, "small" on a CPU, for TRAIN_MINUTES (default 20) of
 # wall-clock time; then test_2016_flickr sacreBLEU + chrF of the best checkpoint and five example translations.

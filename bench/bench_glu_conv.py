@@ -3,7 +3,9 @@
 Implementations: eager (glu_conv_ref), compile (torch.compile(glu_conv_ref)), triton and native (when
 convs2s.ops.available_backends says they run here and the op has that backend). With --recompute also
 triton-recompute: the Triton backend with the pre-GLU activation recomputed in backward instead of saved (the
-measurement behind kernels/glu_conv.py's choice; not part of the default rows).
+measurement behind kernels/glu_conv.py's choice; not part of the default rows). On CUDA also triton-dwgemm: the
+Triton backend with dW from cuBLAS GEMMs over shifted views (kernels/glu_conv.py CONVS2S_TRITON_DW=gemm), the
+candidate to replace the dW kernel, which the first H200 run found slowest.
 
     python -m bench.bench_glu_conv [--device cuda] [--dtype bfloat16] [--quick] [--out PATH] [--recompute]
 
@@ -45,7 +47,8 @@ def impls(device: torch.device, recompute: bool = False) -> list[str]:
     avail = available_backends(device)
     out = ["eager", "compile"]
     if avail["triton"] is None:
-        out += ["triton"] + (["triton-recompute"] if recompute else [])
+        out += ["triton"] + (["triton-dwgemm"] if device.type == "cuda" else [])
+        out += ["triton-recompute"] if recompute else []
     if avail["native"] is None:
         out.append("native")
     return out
@@ -82,6 +85,8 @@ def _op(impl: str, retain_graph: bool = False):
             with config.patch(donated_buffer=False):
                 return compiled(*a)
         return run
+    if impl == "triton-dwgemm":              # bench_shape sets kernels.glu_conv.DW_IMPL for this impl's rows
+        return lambda *a: glu_conv(*a, backend="triton")
     if impl == "triton-recompute":
         import convs2s.ops._triton_glu_conv as binding
 
@@ -114,7 +119,11 @@ def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
     with torch.no_grad():
         want = glu_conv_ref(*args).float()
     rows, eager_ms = [], {}
+    kernels = _triton_kernels(impl_list)
+    dw_default = kernels.DW_IMPL if kernels else None
     for impl in impl_list:
+        if kernels:                          # read at backward time, so it holds for all of this impl's passes
+            kernels.DW_IMPL = "gemm" if impl == "triton-dwgemm" else dw_default
         op = _op(impl)
         fwd = lambda: op(*args)  # noqa: E731
         try:
@@ -156,7 +165,17 @@ def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
             print(f"  {shape_s} {pname} {impl}: {t['ms']:.4g} ms ({launched['ms']:.4g} with launches), "
                   f"{tflops:.3g} TFLOP/s", file=sys.stderr)
         del out
+    if kernels:
+        kernels.DW_IMPL = dw_default
     return rows
+
+
+def _triton_kernels(impl_list):
+    """convs2s.kernels.glu_conv when a Triton implementation is benchmarked, else None."""
+    if not any(i.startswith("triton") for i in impl_list):
+        return None
+    from convs2s.kernels import glu_conv as kernels
+    return kernels
 
 
 def main(argv=None) -> list[dict]:

@@ -45,6 +45,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # once instead of once per config; tests/test_glu_conv_triton.py checks every config separately).
 AUTOTUNE = os.environ.get("CONVS2S_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
 
+# CONVS2S_TRITON_DW=gemm: dW by k cuBLAS GEMMs over row-shifted views of x and dh (_dw_gemm) instead of
+# _dw_kernel. Why a candidate: _dw_kernel ran at 243 TFLOP/s on the H200 where one cuBLAS GEMM of the same FLOPs
+# reaches 652 (module docstring), so at B*T = 8192, C = 512, k = 3 the GEMMs would take ~40 us of its ~106 us.
+# Not yet timed on a GPU (bench_glu_conv's triton-dwgemm rows measure it), hence not the default.
+DW_IMPL = os.environ.get("CONVS2S_TRITON_DW", "kernel")
+if DW_IMPL not in ("kernel", "gemm"):
+    raise ValueError(f"CONVS2S_TRITON_DW={DW_IMPL!r}: expected 'kernel' or 'gemm'")
+
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 
 
@@ -391,6 +399,40 @@ def _dw_split(M: int, C_in: int, C_out: int, k: int, device) -> int:
     return triton.cdiv(triton.cdiv(M, split), granule) * granule
 
 
+def _dw_gemm(x, dh, k: int, pad_l: int):
+    """dW (k, C_in, 2*C_out) in x's dtype from x (B, T, C_in) any strides and dh (B, T, 2*C_out) contiguous.
+
+    dW[j] = sum over (b, t) of x[b, t + s]^T dh[b, t], s = j - pad_l, x zero outside its sentence. Over the
+    flattened rows m = b*T + t that is one GEMM of x rows [s, M) (or [0, M + s)) against dh rows shifted by s --
+    contiguous slices, no im2col copy -- minus the (B - 1) * |s| products that pair rows of neighbouring sentences:
+    for s > 0 the first s rows of sentences 1.. with the last s rows of dh of sentences ..B-2, for s < 0 the last
+    |s| rows of x of sentences ..B-2 with the first |s| rows of dh of sentences 1... addmm subtracts them inside
+    the GEMM's epilogue, so dW[j] is rounded to the output dtype once.
+    """
+    import torch
+    B, T, C_in = x.shape
+    N2 = dh.shape[2]
+    M = B * T
+    x2, dh2 = x.reshape(M, C_in), dh.view(M, N2)
+    dw = torch.empty(k, C_in, N2, device=x.device, dtype=x.dtype)
+    for j in range(k):
+        s = j - pad_l
+        if abs(s) >= T:                                     # the tap only ever reads padding
+            dw[j].zero_()
+            continue
+        xs, ds = (x2[s:], dh2[:M - s]) if s >= 0 else (x2[:M + s], dh2[-s:])
+        if s == 0 or B == 1:
+            torch.mm(xs.t(), ds, out=dw[j])
+            continue
+        if s > 0:
+            xa, da = x[1:, :s], dh[:-1, T - s:]
+        else:
+            xa, da = x[:-1, T + s:], dh[1:, :-s]
+        cross = torch.mm(xa.reshape(-1, C_in).t(), da.reshape(-1, N2))
+        torch.addmm(cross, xs.t(), ds, beta=-1, out=dw[j])
+    return dw
+
+
 def glu_conv_bwd(dy, x, weight, bias, h, has_residual: bool, causal: bool, *, need_dx: bool = True,
                  need_dw: bool = True, need_db: bool = True, need_dres: bool = True):
     """Gradients of glu_conv. dy (B, T, C_out) any strides; h: the forward's pre-GLU activation (B, T, 2*C_out)
@@ -435,7 +477,9 @@ def glu_conv_bwd(dy, x, weight, bias, h, has_residual: bool, causal: bool, *, ne
             )
 
         dw = None
-        if need_dw:
+        if need_dw and DW_IMPL == "gemm":
+            dw = _dw_gemm(x, dh, k, pad_l)
+        elif need_dw:
             rows = _dw_split(M, C_in, C_out, k, x.device)
             split = triton.cdiv(M, rows)
             if split == 1:

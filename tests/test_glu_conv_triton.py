@@ -290,3 +290,29 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(y_c, y_e, rtol=0, atol=0)
     for a, c in zip(g_c, g_e):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("k,T", [(1, 4), (2, 1), (3, 2), (3, 9), (4, 3), (5, 2), (5, 11)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dw_gemm_matches_autograd(B, k, T, causal):
+    """_dw_gemm (shifted-view GEMMs minus the products across sentence boundaries) against autograd through
+    F.conv1d, fp64, on a sliced (non-contiguous) x; T < k covers taps that read only padding."""
+    import torch.nn.functional as F
+    from convs2s.kernels import glu_conv as K
+    c_in, n2 = 6, 10
+    pad_l = K._pad_left(k, causal)
+    x = torch.randn(B, T, 2 * c_in, dtype=torch.float64)[:, :, ::2]
+    w = torch.randn(k, c_in, n2, dtype=torch.float64, requires_grad=True)
+    dh = torch.randn(B, T, n2, dtype=torch.float64)
+    h = F.conv1d(F.pad(x.transpose(1, 2), (pad_l, k - 1 - pad_l)), w.permute(2, 1, 0)).transpose(1, 2)
+    (want,) = torch.autograd.grad((h * dh).sum(), w)
+    torch.testing.assert_close(K._dw_gemm(x, dh, k, pad_l), want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("k,T,causal", [(3, 37, False), (5, 9, True), (3, 2, True)])
+def test_triton_backward_with_gemm_dw(k, T, causal, monkeypatch):
+    """The Triton backend's gradients with CONVS2S_TRITON_DW=gemm, under the same rule as the kernel path."""
+    from convs2s.kernels import glu_conv as K
+    monkeypatch.setattr(K, "DW_IMPL", "gemm")
+    check_case(3, T, 24, 20, k, causal=causal, dtype=torch.float32, device=_device(), sliced=True)

@@ -3,6 +3,7 @@
 #   make test    the test suite (CPU; Triton kernels through TRITON_INTERPRET=1 when there is no GPU)
 #   make bench   the benchmark suite for the backends this machine has
 #   make test-fairseq   convs2s against real fairseq (tests/test_fairseq_real.py) in its own .venv-fairseq
+#   make bench-vs-fairseq   generation speed of convs2s's backends against fairseq's own, same model (CPU)
 
 SHELL := /bin/bash
 VENV ?= .venv
@@ -14,7 +15,7 @@ DATA ?= $(if $(wildcard ../shared/data/multi30k/train.de.gz),../shared/data/mult
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all install deps test test-fairseq train bench clean
+.PHONY: all install deps test test-fairseq train bench bench-vs-fairseq clean
 
 all: test
 
@@ -55,6 +56,10 @@ test-fairseq: $(FAIRSEQ_VENV)/.deps
 	CONVS2S_REQUIRE_FAIRSEQ=1 PYTHONPATH=$(CURDIR) $(FAIRSEQ_VENV)/bin/python -m pytest -q -p no:cacheprovider \
 		-W ignore::UserWarning -W ignore::FutureWarning -W ignore::DeprecationWarning tests/test_fairseq_real.py \
 		tests/test_fairseq_search.py
+
+# convs2s vs fairseq's own generator on one fconv_wmt_en_de-sized model (CPU; bench/bench_vs_fairseq.py).
+bench-vs-fairseq: $(FAIRSEQ_VENV)/.deps install
+	PYTHONPATH=$(CURDIR) $(FAIRSEQ_VENV)/bin/python -W ignore -m bench.bench_vs_fairseq $(BENCH_ARGS)
 
 # Multi30k De->En: preset auto = "multi30k" on a GPU, "small" on a CPU, for TRAIN_MINUTES (default 20) of
 # wall-clock time; then test_2016_flickr sacreBLEU + chrF of the best checkpoint and five example translations.

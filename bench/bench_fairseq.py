@@ -6,7 +6,8 @@
 
 What runs: `fairseq_checkpoint` builds what fairseq saves for the architecture — {"args": argparse.Namespace,
 "model": state dict} with fairseq's key names and layouts (weight-normed Linear g (out, 1); ConvTBC v (k, C_in,
-2*C_out) with g (1, 1, 2*C_out); positions tables of max_positions + padding_idx + 1 rows, the padding row zero;
+2*C_out) with g (1, 1, 2*C_out); positions tables of max_positions + padding_idx + 1 rows, the padding row zero
+-- older fairseq's size; fairseq 0.12's fconv allocates max_positions rows, and from_fairseq reads either;
 decoder.version) and fairseq's initialisation (a freshly built fairseq model, seeded) — then
 `convs2s.convert.from_fairseq(ckpt, backend=b)` converts it for every backend usable on the device (reference
 always; native when the extension is built; triton on CUDA only: on CPU it would be the interpreter), and each

@@ -214,3 +214,14 @@ def test_hub_translation_equals_convs2s_translate(tmp_path):
     got = [hyps[0][0] for hyps in tr.translate(lines)]
     assert got == want
     assert any(want)                                           # not every translation is empty
+
+
+def test_bench_vs_fairseq_quick(tmp_path):
+    """bench/bench_vs_fairseq.py end to end at --quick size: fairseq's FConvModel accepts the benchmark's
+    fairseq-format checkpoint strictly, and every convs2s backend returns fairseq's best hypotheses."""
+    from bench import bench_vs_fairseq
+    rows = bench_vs_fairseq.main(["--quick", "--out", str(tmp_path / "vs.json")])
+    impls = [r["impl"] for r in rows]
+    assert impls[0] == "fairseq" and "convs2s-reference" in impls
+    assert all(r["agree"] == 1.0 and r["target_tokens"] == rows[0]["target_tokens"] for r in rows)
+    assert (tmp_path / "vs.json").is_file()

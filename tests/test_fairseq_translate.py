@@ -170,3 +170,26 @@ def test_equal_dictionary_sizes_need_explicit_languages(tmp_path):
     tr = ft.FairseqTranslator.from_dir(d, source_lang="en", target_lang="de", backend="reference")
     assert tr.bpe is None and tr.encode("the cat zzz") == [4, 3, 3, 2]       # no codes: tokens as given
     shutil.rmtree(d)
+
+
+def test_cli_bf16_autocast(folder, monkeypatch, capsys):
+    """--bf16 runs the search under bf16 autocast and still prints one line each (an fp32 checkpoint, as fairseq
+    saves them; autocast leaves the fixture's fp64 weights alone)."""
+    ckpt = torch.load(folder / "model.pt", weights_only=False)
+    ckpt["model"] = {k: v.float() for k, v in ckpt["model"].items()}
+    torch.save(ckpt, folder / "model.pt")
+    seen = []
+    real = ft.beam_search
+
+    def recording(model, src, lengths, **k):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(model, src, lengths, **k)
+    monkeypatch.setattr(ft, "beam_search", recording)
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("\n".join(LINES) + "\n"))
+    assert cli.main(["translate", "--fairseq", str(folder), "--bf16", "--beam", "2", "--backend", "reference",
+                     "--device", "cpu"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(LINES) and seen == [True]
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("\n".join(LINES) + "\n"))
+    assert cli.main(["translate", "--fairseq", str(folder), "--beam", "2", "--backend", "reference",
+                     "--device", "cpu"]) == 0
+    assert seen == [True, False]

@@ -40,7 +40,7 @@ from convs2s.search import beam_search  # noqa: E402
 
 PAD, EOS = 1, 2
 # Architectures and overrides: a small fconv with every layer-string feature (residual distance 2 and 0, even
-# widths, k = 1, attention on a subset), the tied-embedding variant, and two of fairseq's presets at full size.
+# widths, k = 1, attention on a subset), the tied-embedding variant, and fairseq's four presets at full size.
 ARCHS = {
     "fconv-features": ["--arch", "fconv", "--encoder-embed-dim", "12", "--decoder-embed-dim", "12",
                        "--encoder-layers", "[(16, 3)] * 2 + [(24, 2, 2), (24, 1, 0), (16, 4)]",
@@ -50,7 +50,9 @@ ARCHS = {
                    "--encoder-layers", "[(16, 3)] * 2", "--decoder-layers", "[(16, 3), (12, 3)]",
                    "--decoder-out-embed-dim", "12", "--share-input-output-embed"],
     "fconv_iwslt_de_en": ["--arch", "fconv_iwslt_de_en"],
+    "fconv_wmt_en_ro": ["--arch", "fconv_wmt_en_ro"],
     "fconv_wmt_en_de": ["--arch", "fconv_wmt_en_de"],
+    "fconv_wmt_en_fr": ["--arch", "fconv_wmt_en_fr"],
 }
 SRC_WORDS = "ein hund läuft über die grüne wiese , eine katze schläft auf der matte . zwei kinder spielen".split()
 TGT_WORDS = "a dog runs over the green meadow , cat sleeps on mat . two children play".split()

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import statistics
 import time
 
 import torch
@@ -186,29 +185,17 @@ def newstest_en_de_lengths(n: int, seed: int = 0, max_len: int | None = None) ->
 
 # ---- timing -------------------------------------------------------------------------------------------------
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_generation(model, batches, beam: int, device, autocast, repeats: int) -> dict:
     """One untimed warm-up batch, then `repeats` timed passes over all batches (median wall)."""
     with autocast():
         decode_all(model, batches[:1], beam, True)             # lazy init, Triton compilation
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times, cpu_times = [], []
-        for _ in range(repeats):
-            _sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            tokens = decode_all(model, batches, beam, True)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
-    wall = statistics.median(times)
+        t = common.timed_runs(lambda: decode_all(model, batches, beam, True), device, repeats)
+    wall, tokens = t["wall_s"], t["result"]
     sentences = sum(src.shape[0] for src, _ in batches)
-    return {"sentences": sentences, "target_tokens": tokens, "wall_s": wall, "wall_s_min": min(times),
-            "cpu_s": statistics.median(cpu_times), "sentences_per_s": sentences / wall,
+    return {"sentences": sentences, "target_tokens": tokens, "wall_s": wall, "wall_s_min": t["wall_s_min"],
+            "cpu_s": t["cpu_s"], "sentences_per_s": sentences / wall,
             "target_tokens_per_s": tokens / wall,
             "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import statistics
 import time
 
 import torch
@@ -83,18 +82,11 @@ def bench_decoding(model, batches, impl: str, device, autocast, repeats: int) ->
     incremental = impl.endswith("incremental")
     with autocast():
         decode_all(model, batches[:1], beam, incremental)            # warm-up: lazy init, kernel compilation
-        times, cpu_times = [], []
-        for _ in range(repeats):
-            _sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            tokens = decode_all(model, batches, beam, incremental)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
+        t = common.timed_runs(lambda: decode_all(model, batches, beam, incremental), device, repeats)
     n = sum(src.shape[0] for src, _ in batches)
-    wall = statistics.median(times)
-    return {"impl": impl, "beam": beam, "sentences": n, "wall_s": wall, "wall_s_min": min(times),
-            "cpu_s": statistics.median(cpu_times), "sentences_per_s": n / wall, "target_tokens_per_s": tokens / wall}
+    wall, tokens = t["wall_s"], t["result"]
+    return {"impl": impl, "beam": beam, "sentences": n, "wall_s": wall, "wall_s_min": t["wall_s_min"],
+            "cpu_s": t["cpu_s"], "sentences_per_s": n / wall, "target_tokens_per_s": tokens / wall}
 
 
 @torch.no_grad()

@@ -22,9 +22,7 @@ flips).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import types
 
 import torch
@@ -106,16 +104,10 @@ def run_convs2s(model, batches, beam):
 def timed(fn, batches, repeats: int) -> tuple[dict, list]:
     with torch.no_grad():
         fn(batches[:1])                                     # warm-up
-        walls, cpus = [], []
-        for _ in range(repeats):
-            t0, c0 = time.perf_counter(), time.process_time()
-            best = fn(batches)
-            walls.append(time.perf_counter() - t0)
-            cpus.append(time.process_time() - c0)
-    wall = statistics.median(walls)
+        t = common.timed_runs(lambda: fn(batches), torch.device("cpu"), repeats)
     tokens = sum(src.shape[0] * (L + 1) for src, _, L in batches)
-    return {"target_tokens": tokens, "wall_s": wall, "wall_s_min": min(walls), "cpu_s": statistics.median(cpus),
-            "target_tokens_per_s": tokens / wall}, best
+    return {"target_tokens": tokens, "wall_s": t["wall_s"], "wall_s_min": t["wall_s_min"], "cpu_s": t["cpu_s"],
+            "target_tokens_per_s": tokens / t["wall_s"]}, t["result"]
 
 
 def main(argv=None) -> list[dict]:

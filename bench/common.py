@@ -11,8 +11,10 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -55,6 +57,24 @@ def graphed(fn, device: torch.device):
         print(f"    (no CUDA graph: {type(e).__name__}: {e})", file=sys.stderr)
         torch.cuda.synchronize()
         return None
+
+
+def timed_runs(fn: Callable[[], object], device: torch.device, repeats: int) -> dict:
+    """Wall and process CPU time of `repeats` calls of fn (device synchronised around each; no warm-up here):
+    {'wall_s': median, 'wall_s_min', 'cpu_s': median, 'result': the last call's return value}. For whole-workload
+    benchmarks (generation), where one call takes seconds and a median of a few is enough."""
+    walls, cpus, result = [], [], None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return {"wall_s": statistics.median(walls), "wall_s_min": min(walls), "cpu_s": statistics.median(cpus),
+            "result": result}
 
 
 def time_pass(fn: Callable[[], object], device: torch.device) -> tuple[dict, dict, int | None, bool]:

@@ -8,7 +8,8 @@ One fairseq-format checkpoint (bench_fairseq.fairseq_checkpoint: fairseq's keys,
 random weights, ASSUMED 40000-symbol dictionaries) is loaded strictly into fairseq's own FConvModel (which checks
 that layout) and converted with convs2s.convert.from_fairseq for each convs2s backend usable here. Each then
 translates the same batches:
-  * fairseq: fairseq.sequence_generator.SequenceGenerator (incremental LinearizedConvolution decoding), beam 5;
+  * fairseq: fairseq.sequence_generator.SequenceGenerator (incremental LinearizedConvolution decoding), beam 5,
+    on the model prepared as fairseq-generate prepares it (make_generation_fast_: weight norm removed, BeamableMM);
   * convs2s: convs2s.search.beam_search, beam 5, incremental.
 Random weights never end a sentence, so every batch is forced to one length L (fairseq's min_len = max_len_b = L,
 max_len_a = 0, which convs2s's beam_search takes as min_len = max_len = L): L tokens + EOS per hypothesis. The
@@ -41,8 +42,9 @@ from convs2s.search import beam_search
 PAD, EOS = 1, 2
 
 
-def fairseq_model(ckpt: dict):
-    """fairseq's FConvModel for the checkpoint, its state loaded strictly (fp32, eval), and its target dictionary."""
+def fairseq_model(ckpt: dict, beam: int):
+    """fairseq's FConvModel for the checkpoint, its state loaded strictly (fp32, eval) and prepared for generation
+    as fairseq-generate / fairseq-interactive prepare it, and its target dictionary."""
     from fairseq.data import Dictionary
     from fairseq.models.fconv import FConvModel
 
@@ -62,7 +64,12 @@ def fairseq_model(ckpt: dict):
                                  "max_target_positions": sd["decoder.embed_positions.weight"].shape[0]})
     model = FConvModel.build_model(args, task)
     model.load_state_dict(sd, strict=True)
-    return model.float().eval(), task.target_dictionary
+    # What fairseq's prepare_for_inference_ does with generate's defaults (beam `beam`, no alignment printing):
+    # weight norm folded away, the attention's bmm replaced by BeamableMM. Without it fairseq recomputes every
+    # weight-normed weight at every step and would be timed slower than its users see it.
+    model = model.float().eval()              # before: make_generation_fast_ replaces train() with a stub
+    model.make_generation_fast_(beamable_mm_beam_size=beam, need_attn=False)
+    return model, task.target_dictionary
 
 
 def make_batches(n: int, batch_sentences: int, vocab: int, seed: int, max_len: int | None):
@@ -134,7 +141,7 @@ def main(argv=None) -> list[dict]:
 
     ckpt = fairseq_checkpoint(args.arch, args.vocab, args.vocab, width_divisor=args.width_divisor)
     batches = make_batches(args.sentences, args.batch_sentences, args.vocab, 0, 8 if args.quick else None)
-    theirs, tgt_dict = fairseq_model(ckpt)
+    theirs, tgt_dict = fairseq_model(ckpt, args.beam)
     info = {"op": "generate-vs-fairseq", "arch": args.arch, "params": parameter_count(ckpt), "vocab": args.vocab,
             "sentences": args.sentences, "batch_sentences": args.batch_sentences, "beam": args.beam,
             "dtype": "fp32", "threads": args.threads, "fairseq": fairseq.__version__}

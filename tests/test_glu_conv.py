@@ -97,6 +97,15 @@ def test_autocast_runs_in_bf16_on_cpu():
     torch.testing.assert_close(y.float(), glu_conv_ref(x, w, b, r), rtol=0.05, atol=0.05)
 
 
+def test_autocast_leaves_float64_alone():
+    """As torch's autocast and custom_fwd do: an fp64 model under autocast keeps computing in fp64."""
+    x, w, b, r = make_inputs(2, 5, 8, 4, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = glu_conv(x, w, b, r, backend="reference")
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, glu_conv_ref(x, w, b, r), rtol=0, atol=0)
+
+
 # ---- bad inputs: each names the argument, the expected and the actual -----------------------------------------
 
 def _good():

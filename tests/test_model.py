@@ -207,3 +207,17 @@ def test_uninitialized_model_loads_a_state_dict_exactly(tied):
     prev = torch.randint(4, 24, (2, 5))
     with torch.no_grad():
         assert torch.equal(model.eval()(src, None, prev), ref(src, None, prev))
+
+
+def test_float64_model_under_autocast_stays_float64():
+    """autocast leaves float64 alone (torch's rule, which the fused ops' input casting follows): an fp64 model's
+    logits are the same with and without a bf16 autocast region (this used to fail with mixed dtypes)."""
+    model = ConvS2S.from_preset("tiny", 20, 20, dropout=0.0).double().eval()
+    src = torch.randint(4, 20, (2, 6))
+    src[:, -1] = 2
+    prev = torch.randint(4, 20, (2, 4))
+    with torch.no_grad():
+        want = model(src, None, prev)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(src, None, prev)
+    assert got.dtype == torch.float64 and torch.equal(got, want)

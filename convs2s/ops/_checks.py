@@ -36,7 +36,9 @@ def check_same(ref_name: str, ref: torch.Tensor, **others) -> None:
 
 
 def autocast_inputs(*tensors):
-    """Under autocast, run an op in the autocast dtype (as torch.amp.custom_fwd(cast_inputs=...) would).
+    """Under autocast, run an op in the autocast dtype (as torch.amp.custom_fwd(cast_inputs=...) would): floating
+    tensors other than float64 are cast; float64 stays, as autocast leaves it everywhere (an fp64 model under
+    autocast keeps computing in fp64).
 
     Fused backends need one dtype for all inputs; autocast would otherwise hand them bf16 activations with
     fp32 weights.
@@ -47,4 +49,5 @@ def autocast_inputs(*tensors):
     if not torch.is_autocast_enabled(dev):
         return tensors
     dtype = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)

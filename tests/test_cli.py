@@ -7,20 +7,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from convs2s import cli
 
 from tests.multi30k import REPO, multi30k_dir
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # In-process commands run on one thread: 2 OpenMP threads on this shared 2-core machine ran ~15x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")     # see tests/conftest.py
 
 
 def run(*args, stdin=None, timeout=300):

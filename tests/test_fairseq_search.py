@@ -35,13 +35,7 @@ PAD, EOS, UNK = 1, 2, 3
 RTOL = 1e-12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One thread: two OpenMP threads on this shared 2-core machine run several times slower (see test_cli.py).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")     # see tests/conftest.py
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convs2s.incremental import forward_step, freeze, init_state
+from convs2s.incremental import freeze, init_state
 from convs2s.model import PRESETS, ConvS2S
 from convs2s.ops import _backend, glu_conv
 from convs2s.search import beam_search
@@ -23,13 +23,7 @@ PAD, BOS, EOS = 1, 0, 2
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One thread: two OpenMP threads on this shared 2-core machine run several times slower (see test_cli.py).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")     # see tests/conftest.py
 
 
 def model_for(preset, dtype, src_vocab=30, tgt_vocab=40, backend="reference", eos_bias=0.0, **overrides):

@@ -21,14 +21,7 @@ from convs2s.train import (TrainArgs, label_smoothed_nll_loss, load_checkpoint, 
 from tests.multi30k import multi30k_dir
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One thread: on this 2-core machine shared with other jobs, 2 OpenMP threads made a tiny step ~15x slower
-    # (0.24 s vs 0.016 s for fwd+bwd of the tiny preset on 1000 tokens).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")     # see tests/conftest.py
 
 
 def _records(save_dir: Path, kind: str) -> list[dict]:

@@ -15,25 +15,18 @@
 
 #include <type_traits>
 
+#include "cuda_math.cuh"
 #include "glu_conv.h"
 
 namespace convs2s {
 namespace {
 
-// Loads widen to the compute type (float; double for double), stores round to nearest. Overloads with the
-// conversion intrinsics, since torch builds with __CUDA_NO_HALF_CONVERSIONS__ (no implicit half <-> float).
+// The compute type: float, double for double (loads widen to it, cuda_math.cuh).
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ double load(const double* p) { return *p; }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+using cuda_math::load;
+using cuda_math::store;
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
 __device__ __forceinline__ double sigmoid(double g) { return 1.0 / (1.0 + exp(-g)); }

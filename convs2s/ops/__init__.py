@@ -7,12 +7,12 @@
 See each function's docstring for its shape contract.
 """
 
-from ._backend import BACKENDS, BackendUnavailableError, available_backends
+from ._backend import BACKENDS, BackendUnavailableError, available_backends, resolve_backend
 from .conv_attention import conv_attention, conv_attention_ref
 from .glu_conv import conv1d_weight_to_tbc, glu_conv, glu_conv_ref, tbc_weight_to_conv1d
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "available_backends",
+    "BACKENDS", "BackendUnavailableError", "available_backends", "resolve_backend",
     "glu_conv", "glu_conv_ref", "conv1d_weight_to_tbc", "tbc_weight_to_conv1d",
     "conv_attention", "conv_attention_ref",
 ]

@@ -106,6 +106,13 @@ def resolve(op: str, backend: str, device: torch.device):
     return name, _IMPLS[(op, name)]
 
 
+def resolve_backend(op: str, backend: str = "auto", device: torch.device | str = "cpu") -> str:
+    """The name of the backend ("reference" | "triton" | "native") that runs `op` for `backend` ("auto" or a
+    name) on `device`: what "auto" and CONVS2S_BACKEND pick here. Raises BackendUnavailableError when an
+    explicitly named backend cannot run here."""
+    return _resolve_name(op, backend, str(torch.device(device)))
+
+
 # torch.compile cannot trace the discovery below (importlib, lru_cache'd import probes) nor bake a returned
 # function into its graph; it can bake a string. So the name is resolved eagerly at trace time, and the
 # callable is a plain dict lookup.

@@ -40,10 +40,7 @@ import os
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# CONVS2S_TRITON_AUTOTUNE=0: one config per kernel on GPU too (the GPU test grid then compiles each kernel variant
-# once instead of once per config; tests/test_glu_conv_triton.py checks every config separately).
-AUTOTUNE = os.environ.get("CONVS2S_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
+from ._common import AUTOTUNE, INTERPRET, autotune_configs
 
 # CONVS2S_TRITON_DW=gemm: dW by k cuBLAS GEMMs over row-shifted views of x and dh (_dw_gemm) instead of
 # _dw_kernel. Why a candidate: _dw_kernel ran at 243 TFLOP/s on the H200 where one cuBLAS GEMM of the same FLOPs
@@ -69,13 +66,9 @@ DX_CONFIGS = [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 4, 4), _config(6
               _config(128, 256, 64, 8, 3)]
 DW_CONFIGS = [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4),
               _config(128, 128, 32, 4, 4)]
-# The single config: in the interpreter (autotuning needs a GPU driver; 64-wide tiles run ~3x faster there than
-# 32-wide ones) and with CONVS2S_TRITON_AUTOTUNE=0 (2 stages: fits shared memory in fp32 too).
+# The single config when not autotuning (_common.AUTOTUNE): in the interpreter (64-wide tiles run ~3x faster there
+# than 32-wide ones) and with CONVS2S_TRITON_AUTOTUNE=0 (2 stages: fits shared memory in fp32 too).
 ONE_CONFIG = _config(64, 64, 64, 4, 1 if INTERPRET else 2)
-
-
-def _configs(gpu: list[triton.Config]) -> list[triton.Config]:
-    return gpu if AUTOTUNE else [ONE_CONFIG]
 
 
 @triton.jit
@@ -106,7 +99,7 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.autotune(
-    configs=_configs(FWD_CONFIGS),
+    configs=autotune_configs(FWD_CONFIGS, ONE_CONFIG),
     key=["C_in", "C_out", "KSIZE", "M_BUCKET"],
 )
 @triton.jit
@@ -229,7 +222,7 @@ def _glu_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.autotune(
-    configs=_configs(DX_CONFIGS),
+    configs=autotune_configs(DX_CONFIGS, ONE_CONFIG),
     key=["C_in", "C_out", "KSIZE", "M_BUCKET"],
 )
 @triton.jit
@@ -278,7 +271,7 @@ def _dx_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.autotune(
-    configs=_configs(DW_CONFIGS),
+    configs=autotune_configs(DW_CONFIGS, ONE_CONFIG),
     key=["C_in", "C_out", "KSIZE", "M_BUCKET"],
 )
 @triton.jit

@@ -1,0 +1,237 @@
+"""glu_conv_step, every backend (a parametrize axis) against the PyTorch reference and the whole-sequence op.
+
+One test body per property: values in fp64 (to 1e-12) over k, B (0 included), C_in != C_out, optional bias and
+residual; low precision under the tolerance rule of tests/tolerance.py (the yardstick: the full causal glu_conv's
+last step computed in that precision); the in-place state update (exact); step-by-step outputs equal
+glu_conv(causal=True) over the whole sequence; non-contiguous inputs; bad inputs; inputs requiring grad.
+A backend that cannot run here skips with the reason; CUDA cases skip without a GPU. Without a GPU the Triton
+kernels run in the interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+from convs2s.ops import (BackendUnavailableError, glu_conv, glu_conv_ref, glu_conv_step, glu_conv_step_ref,
+                         resolve_backend)
+from tests.tolerance import assert_close_rule
+
+BACKENDS = ["reference", "native", "triton"]
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+def need(backend: str, device: str, dtype: torch.dtype | None = None) -> None:
+    """Skip unless `backend` runs glu_conv_step on `device` tensors here (and `dtype` where the backend is limited)."""
+    try:
+        resolve_backend("glu_conv_step", backend, device)
+    except BackendUnavailableError as e:
+        pytest.skip(str(e))
+    if backend == "triton" and device == "cuda" and INTERPRET:
+        pytest.skip("CUDA tensors are not run through the Triton interpreter")
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("bf16 Triton runs on CUDA only (the interpreter's bf16 dot is not exact)")
+
+
+def make_inputs(B, c_in, c_out, k, *, bias=True, residual=True, dtype=torch.float64, device="cpu"):
+    """(x (B, C_in), conv_state (B, k-1, C_in) random, weight, bias or None, residual or None), in `dtype`."""
+    g = torch.Generator().manual_seed(1000 * B + 100 * k + 10 * c_in + c_out)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    return (rnd(B, c_in), rnd(B, k - 1, c_in), rnd(k, c_in, 2 * c_out, scale=1 / math.sqrt(k * c_in)),
+            rnd(2 * c_out) if bias else None, rnd(B, c_out) if residual else None)
+
+
+def cast(tensors, dtype):
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def full_last_step(x, state, w, b, r):
+    """The independent yardstick: glu_conv_ref(causal=True) over the window, its last time step."""
+    window = torch.cat([state, x[:, None]], dim=1)                          # (B, k, C_in)
+    return glu_conv_ref(window, w, b, None if r is None else r[:, None].expand(-1, window.shape[1], -1),
+                        causal=True)[:, -1]
+
+
+# ---- values --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("B", [0, 1, 5])
+@pytest.mark.parametrize("c_in,c_out", [(5, 3), (16, 24)])
+@pytest.mark.parametrize("bias,residual", [(True, True), (False, False), (True, False), (False, True)])
+def test_fp64_matches_reference(device, backend, k, B, c_in, c_out, bias, residual):
+    need(backend, device)
+    x, state, w, b, r = make_inputs(B, c_in, c_out, k, bias=bias, residual=residual, device=device)
+    state0, state_ref = state.clone(), state.clone()
+    want = glu_conv_step_ref(x, state_ref, w, b, r)
+    got = glu_conv_step(x, state, w, b, r, backend=backend)
+    assert got.shape == (B, c_out) and got.dtype == torch.float64 and got.device.type == device
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, full_last_step(x, state0, w, b, r), rtol=1e-12, atol=1e-12)
+    assert torch.equal(state, state_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 3])
+def test_low_precision(device, backend, dtype, k):
+    need(backend, device, dtype)
+    base = make_inputs(5, 40, 24, k)
+    y64 = full_last_step(*base)
+    lowp = [t.to(device) for t in cast(base, dtype)]
+    y_lowp = full_last_step(*lowp)
+    x, state, w, b, r = [t.to(device) for t in cast(base, dtype)]
+    y = glu_conv_step(x, state, w, b, r, backend=backend)
+    assert y.dtype == dtype and y.shape == (5, 24)
+    assert_close_rule("y", y, y_lowp, y64, dtype)
+    assert torch.equal(state, torch.cat([lowp[1], lowp[0][:, None]], dim=1)[:, 1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_state_update_in_place(device, backend, k):
+    need(backend, device)
+    x, state, w, b, r = make_inputs(3, 6, 4, k, dtype=torch.float32, device=device)
+    before = state.clone()
+    ptr = state.data_ptr()
+    glu_conv_step(x, state, w, b, r, backend=backend)
+    assert state.data_ptr() == ptr and state.shape == (3, k - 1, 6)
+    # The oldest input dropped, the others moved one slot towards the front, x appended: exact copies.
+    assert torch.equal(state[:, :k - 2], before[:, 1:])
+    if k > 1:
+        assert torch.equal(state[:, -1], x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k1_accepts_none_state(device, backend):
+    need(backend, device)
+    x, _, w, b, r = make_inputs(4, 6, 5, 1, device=device)
+    torch.testing.assert_close(glu_conv_step(x, None, w, b, r, backend=backend),
+                               glu_conv_step_ref(x, None, w, b, r), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_steps_equal_whole_sequence(device, backend, k):
+    """T = 7 steps from a zero state equal glu_conv(causal=True) over the sequence at every position."""
+    need(backend, device)
+    B, T, c_in, c_out = 3, 7, 6, 5
+    g = torch.Generator().manual_seed(k)
+    x, r = (torch.randn(B, T, c, generator=g, dtype=torch.float64).to(device) for c in (c_in, c_out))
+    w = (torch.randn(k, c_in, 2 * c_out, generator=g, dtype=torch.float64) / math.sqrt(k * c_in)).to(device)
+    b = torch.randn(2 * c_out, generator=g, dtype=torch.float64).to(device)
+    full = glu_conv(x, w, b, r, causal=True, backend="reference")
+    state = x.new_zeros(B, k - 1, c_in)
+    for t in range(T):
+        y = glu_conv_step(x[:, t], state, w, b, r[:, t], backend=backend)
+        torch.testing.assert_close(y, full[:, t], rtol=1e-12, atol=1e-12, msg=lambda m: f"step {t}: {m}")
+    torch.testing.assert_close(state, x[:, T - k + 1:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_non_contiguous_inputs(device, backend, dtype):
+    need(backend, device, dtype)
+    B, c_in, c_out, k = 5, 12, 7, 3
+    x, state, w, b, r = make_inputs(B, c_in, c_out, k, dtype=dtype, device=device)
+    xs = torch.zeros(2 * B, c_in + 3, dtype=dtype, device=device)
+    xs[::2, 2:-1] = x
+    xs = xs[::2, 2:-1]                                          # row stride 2*(C_in+3), offset 2
+    rs = torch.zeros(c_out, 2 * B, dtype=dtype, device=device)
+    rs[:, 1::2] = r.t()
+    rs = rs[:, 1::2].t()                                        # (B, C_out) with strides (2, 2*B)
+    ws = w.transpose(1, 2).contiguous().transpose(1, 2)         # (k, C_in, 2*C_out), C_in has unit stride
+    bs = torch.stack([b, b], dim=1)[:, 0]                       # stride 2
+    assert not any(t.is_contiguous() for t in (xs, rs, ws, bs))
+    state_ref = state.clone()
+    want = glu_conv_step_ref(x, state_ref, w, b, r)
+    got = glu_conv_step(xs, state, ws, bs, rs, backend=backend)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert torch.equal(state, state_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast(backend):
+    """Under CPU autocast x, weight, bias, residual run in bf16; the state is kept in bf16 by its owner."""
+    need(backend, "cpu", torch.bfloat16)
+    x, state, w, b, r = make_inputs(3, 8, 4, 3, dtype=torch.float32)
+    state16 = state.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = glu_conv_step(x, state16, w, b, r, backend=backend)
+    assert y.dtype == torch.bfloat16
+    y64 = full_last_step(*cast((x, state, w, b, r), torch.float64))
+    y_lowp = full_last_step(*cast((x, state, w, b, r), torch.bfloat16))
+    assert_close_rule("y", y, y_lowp, y64, torch.bfloat16)
+    assert torch.equal(state16[:, -1], x.to(torch.bfloat16))
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------------------
+
+def _bad_cases():
+    x, s, w, b, r = make_inputs(2, 3, 4, 3, dtype=torch.float32)
+    return [
+        ("x rank", (torch.randn(2, 1, 3), s, w, b, r), ValueError, r"x must have 2 dimensions, got shape \(2, 1, 3\)"),
+        ("weight rank", (x, s, torch.randn(3, 8), b, r), ValueError, r"weight must have 3 dimensions"),
+        ("C_in", (torch.randn(2, 5), s, w, b, r), ValueError, r"weight has C_in = 3 .* x has C_in = 5"),
+        ("C_in = 0", (torch.randn(2, 0), torch.randn(2, 2, 0), torch.randn(3, 0, 8), b, r), ValueError,
+         r"x must have C_in >= 1 channels, got shape \(2, 0\)"),
+        ("C_out = 0", (x, s, torch.randn(3, 3, 0), None, None), ValueError, r"2\*C_out \(even, > 0\).* got 0"),
+        ("odd GLU width", (x, s, torch.randn(3, 3, 7), None, None), ValueError, r"2\*C_out \(even, > 0\).* got 7"),
+        ("k = 0", (x, s, torch.randn(0, 3, 8), None, None), ValueError, r"kernel width k >= 1"),
+        ("state width", (x, torch.zeros(2, 3, 3), w, b, r), ValueError,
+         r"conv_state must have shape \(B, k-1, C_in\) = \(2, 2, 3\), got \(2, 3, 3\)"),
+        ("state rows", (x, torch.zeros(3, 2, 3), w, b, r), ValueError,
+         r"conv_state must have shape .* got \(3, 2, 3\)"),
+        ("state rank", (x, torch.zeros(2, 6), w, b, r), ValueError, r"conv_state must have 3 dimensions"),
+        ("state None, k = 3", (x, None, w, b, r), ValueError, r"conv_state is None but the kernel width is k = 3"),
+        ("state strided", (x, torch.zeros(2, 3, 2).transpose(1, 2), w, b, r), ValueError,
+         r"conv_state must be contiguous \(it is updated in place\)"),
+        ("bias", (x, s, w, torch.randn(4), r), ValueError, r"bias must have shape \(2\*C_out,\) = \(8,\), got \(4,\)"),
+        ("residual", (x, s, w, b, torch.randn(2, 3)), ValueError,
+         r"residual must have shape \(B, C_out\) = \(2, 4\), got \(2, 3\)"),
+        ("residual rank", (x, s, w, b, torch.randn(2, 1, 4)), ValueError, r"residual must have 2 dimensions"),
+        ("state dtype", (x, s.double(), w, b, r), TypeError,
+         r"conv_state has dtype torch.float64 but x has dtype torch.float32"),
+        ("weight dtype", (x, s, w.half(), b, r), TypeError, r"weight has dtype torch.float16 but x has"),
+        ("device", (x, s, w, b, r.to("meta")), ValueError, r"residual is on meta but x is on cpu"),
+        ("integer x", (x.long(), s, w, b, r), TypeError, r"x must be a floating-point tensor, got dtype torch.int64"),
+        ("not a tensor", ([[1.0]], s, w, b, r), TypeError, r"x must be a torch.Tensor, got list"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(_bad_cases())), ids=[c[0] for c in _bad_cases()])
+def test_bad_inputs(backend, case):
+    need(backend, "cpu")
+    _, args, exc, match = _bad_cases()[case]
+    state = args[1]
+    before = None if state is None else state.clone()
+    with pytest.raises(exc, match=match):
+        glu_conv_step(*args, backend=backend)
+    assert state is None or torch.equal(state, before), "a rejected call must leave the state alone"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["x", "conv_state", "weight", "bias", "residual"])
+def test_requires_grad_raises_under_grad_mode(backend, which):
+    need(backend, "cpu")
+    inputs = dict(zip(("x", "conv_state", "weight", "bias", "residual"), make_inputs(2, 3, 4, 3)))
+    inputs[which].requires_grad_()
+    with pytest.raises(RuntimeError, match=rf"inference op without autograd, but {which} require"):
+        glu_conv_step(**inputs, backend=backend)
+    with torch.no_grad():                                       # the same call is fine without grad mode
+        y = glu_conv_step(**inputs, backend=backend)
+    assert not y.requires_grad

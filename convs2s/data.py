@@ -6,6 +6,10 @@
     ds = PairDataset(tok.encode_src(src), tok.encode_tgt(tgt))   EOS appended to both sides
     sampler = TokenBatchSampler(ds.src_sizes, ds.tgt_sizes, max_tokens=4000, seed=1, rank=r, world_size=w)
     for indices in sampler: batch = ds.collate(indices)        Batch(src_tokens (B, Ts), ..., target (B, Tt))
+    ds.filter(max_src=1024, max_tgt=1024, max_len_ratio=1.5) -> {reason: pairs dropped}      (length_filter)
+
+One's own corpora (--train PREFIX) go through convs2s.corpus instead: the same batching and Batch, over an
+encoded on-disk cache.
 
 Every file read is checked against its SHA-256 (the sums of the official raw files are embedded below), so a
 truncated copy or a partial download is an error saying where the file was and what to do, never silent
@@ -23,6 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -214,6 +219,17 @@ class PairDataset:
                      if len(self.src[i]) <= max_src and (self.tgt is None or len(self.tgt[i]) <= max_tgt)]
         return before - len(self.keep)
 
+    def filter(self, max_src: int, max_tgt: int, max_len_ratio: float = 0.0) -> dict[str, int]:
+        """Drop pairs by length (see length_filter); returns {reason: pairs dropped}."""
+        if self.tgt is None:
+            raise ValueError("filter needs target sentences; use filter_long for a source-only dataset")
+        keep = np.asarray(self.keep, dtype=np.int64)
+        mask, counts = length_filter(np.array([len(self.src[i]) - 1 for i in keep], dtype=np.int64),
+                                     np.array([len(self.tgt[i]) - 1 for i in keep], dtype=np.int64),
+                                     max_src, max_tgt, max_len_ratio)
+        self.keep = keep[mask].tolist()
+        return counts
+
     def collate(self, indices: Sequence[int]) -> Batch:
         """A right-padded batch of the pairs at `indices` (positions among the kept pairs)."""
         rows = [self.keep[i] for i in indices]
@@ -230,35 +246,68 @@ class PairDataset:
 
 
 def token_batches(src_sizes: Sequence[int], tgt_sizes: Sequence[int], max_tokens: int,
-                  generator: torch.Generator | None = None) -> list[list[int]]:
+                  generator: torch.Generator | None = None) -> list[np.ndarray]:
     """Indices grouped into batches of similar length, each holding at most `max_tokens` padded tokens
-    (batch size x the longest source or target in it), as fairseq's --max-tokens counts.
+    (batch size x the longest source or target in it), as fairseq's --max-tokens counts. Each batch is an int64
+    array (a view of one permutation: 4.5 M sentences cost 36 MB, not 4.5 M Python ints).
 
     With a generator, equal-length sentences are ordered at random (so batches differ between epochs) and the
     batch order is shuffled; without one, the order is deterministic (validation, translation).
     """
-    n = len(src_sizes)
+    sizes = np.maximum(np.asarray(src_sizes, dtype=np.int64), np.asarray(tgt_sizes, dtype=np.int64))
+    n = len(sizes)
     if n == 0:
         return []
-    sizes = torch.tensor([max(s, t) for s, t in zip(src_sizes, tgt_sizes)], dtype=torch.long)
+    if sizes.max() > max_tokens:
+        i = int(np.argmax(sizes > max_tokens))
+        raise ValueError(f"sentence {i} has {int(sizes[i])} tokens, more than --max-tokens {max_tokens}")
     tie = torch.rand(n, generator=generator) if generator is not None else torch.arange(n, dtype=torch.float) / n
     # Sort by (size, tie): the tie-breaker is in [0, 1), so size dominates and buckets stay tight.
-    order = torch.argsort(sizes.double() + tie.double()).tolist()
-    sizes = sizes.tolist()
-    batches, batch, longest = [], [], 0
-    for i in order:
-        size = sizes[i]
-        if size > max_tokens:
-            raise ValueError(f"sentence {i} has {size} tokens, more than --max-tokens {max_tokens}")
-        if batch and max(longest, size) * (len(batch) + 1) > max_tokens:
-            batches.append(batch)
-            batch, longest = [], 0
-        batch.append(i)
-        longest = max(longest, size)
-    batches.append(batch)
+    order = torch.argsort(torch.from_numpy(sizes).double() + tie.double()).numpy()
+    ordered = sizes[order]                                       # non-decreasing
+    # Greedy, as one pass adding sentences in order would: a batch starting at p holds p..p+k-1 where k is the
+    # first count at which the newest (longest) sentence x the count exceeds max_tokens; at most
+    # max_tokens // ordered[p] sentences fit, so only that window is looked at.
+    batches, p = [], 0
+    while p < n:
+        window = ordered[p:p + max_tokens // max(int(ordered[p]), 1)]
+        over = window * np.arange(1, len(window) + 1) > max_tokens
+        k = int(np.argmax(over)) if over.any() else len(window)
+        batches.append(order[p:p + k])
+        p += k
     if generator is not None:
         batches = [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
     return batches
+
+
+def length_filter(src_len: np.ndarray, tgt_len: np.ndarray, max_src: int, max_tgt: int,
+                  max_len_ratio: float = 0.0) -> tuple[np.ndarray, dict[str, int]]:
+    """Which pairs to keep, and how many are dropped for each reason (each pair counted under its first reason).
+
+    src_len / tgt_len: (n,) token counts without EOS. max_src / max_tgt bound the length with EOS (the model's
+    positions); max_len_ratio > 0 drops pairs whose longer side has more than ratio x the shorter side's tokens
+    (Moses clean-corpus-n's -ratio, as fairseq's WMT preparation scripts use it, counted in subwords here).
+    """
+    src_len, tgt_len = np.asarray(src_len, dtype=np.int64), np.asarray(tgt_len, dtype=np.int64)
+    reasons = [("empty source or target", (src_len == 0) | (tgt_len == 0)),
+               (f"source longer than {max_src - 1} tokens", src_len + 1 > max_src),
+               (f"target longer than {max_tgt - 1} tokens", tgt_len + 1 > max_tgt)]
+    if max_len_ratio > 0:
+        longer, shorter = np.maximum(src_len, tgt_len), np.maximum(np.minimum(src_len, tgt_len), 1)
+        reasons.append((f"length ratio above {max_len_ratio:g}", longer > max_len_ratio * shorter))
+    keep = np.ones(len(src_len), dtype=bool)
+    counts = {}
+    for reason, drop in reasons:
+        counts[reason] = int((drop & keep).sum())
+        keep &= ~drop
+    return keep, counts
+
+
+def describe_filter(counts: dict[str, int], total: int) -> str:
+    dropped = sum(counts.values())
+    detail = ", ".join(f"{n} {reason}" for reason, n in counts.items() if n)
+    return f"dropped {dropped} of {total} pairs" + (f" ({detail})" if detail else "")
+
 
 
 class TokenBatchSampler:
@@ -274,21 +323,22 @@ class TokenBatchSampler:
                  seed: int = 1, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.src_sizes, self.tgt_sizes = list(src_sizes), list(tgt_sizes)
+        self.src_sizes = np.asarray(src_sizes, dtype=np.int64)
+        self.tgt_sizes = np.asarray(tgt_sizes, dtype=np.int64)
         self.max_tokens, self.shuffle, self.seed = max_tokens, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self.skip = 1, 0
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[int, list[np.ndarray]] | None = None
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
-    def _batches(self) -> list[list[int]]:
+    def _batches(self) -> list[np.ndarray]:
         if self._cache is None or self._cache[0] != self.epoch:
             self._cache = (self.epoch, self._build())
         return self._cache[1]
 
-    def _build(self) -> list[list[int]]:
+    def _build(self) -> list[np.ndarray]:
         gen = None
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)

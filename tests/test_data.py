@@ -2,6 +2,7 @@
 
 import gzip
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,12 +149,43 @@ def test_token_batches_cover_once_and_respect_max_tokens():
         padded += longest * len(b)
         real += sum(max(src[i], tgt[i]) for i in b)
     assert real / padded > 0.9, "bucketing by length keeps padding low"
+    as_lists = lambda bs: [b.tolist() for b in bs]                   # noqa: E731
     again = D.token_batches(src, tgt, 300, torch.Generator().manual_seed(3))
     other = D.token_batches(src, tgt, 300, torch.Generator().manual_seed(4))
-    assert again == batches and other != batches
-    assert D.token_batches(src, tgt, 300) == D.token_batches(src, tgt, 300)
+    assert as_lists(again) == as_lists(batches) and as_lists(other) != as_lists(batches)
+    assert as_lists(D.token_batches(src, tgt, 300)) == as_lists(D.token_batches(src, tgt, 300))
     with pytest.raises(ValueError, match="more than --max-tokens 20"):
         D.token_batches(src, tgt, 20)
+
+
+def _token_batches_one_by_one(src_sizes, tgt_sizes, max_tokens, generator=None):
+    """The batching rule written as a loop adding one sentence at a time (the specification)."""
+    n = len(src_sizes)
+    sizes = torch.tensor([max(s, t) for s, t in zip(src_sizes, tgt_sizes)], dtype=torch.long)
+    tie = torch.rand(n, generator=generator) if generator is not None else torch.arange(n, dtype=torch.float) / n
+    order = torch.argsort(sizes.double() + tie.double()).tolist()
+    batches, batch, longest = [], [], 0
+    for i in order:
+        size = int(sizes[i])
+        if batch and max(longest, size) * (len(batch) + 1) > max_tokens:
+            batches.append(batch)
+            batch, longest = [], 0
+        batch.append(i)
+        longest = max(longest, size)
+    batches.append(batch)
+    if generator is not None:
+        batches = [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+@pytest.mark.parametrize("max_tokens", [45, 46, 100, 300, 4000])
+@pytest.mark.parametrize("seed", [None, 7])
+def test_token_batches_equal_the_one_by_one_rule(max_tokens, seed):
+    src, tgt = _sizes(2000, seed=1)
+    gen = (lambda: torch.Generator().manual_seed(seed)) if seed is not None else (lambda: None)
+    got = [b.tolist() for b in D.token_batches(src, tgt, max_tokens, gen())]
+    assert got == _token_batches_one_by_one(src, tgt, max_tokens, gen())
+    assert all(b.dtype == np.int64 for b in D.token_batches(src, tgt, max_tokens, gen()))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -162,16 +194,16 @@ def test_distributed_sampler_splits_epoch_evenly(world):
     samplers = [D.TokenBatchSampler(src, tgt, 300, seed=5, rank=r, world_size=world) for r in range(world)]
     for s in samplers:
         s.set_epoch(2)
-    shares = [list(s) for s in samplers]
+    shares = [[b.tolist() for b in s] for s in samplers]
     assert len({len(sh) for sh in shares}) == 1                      # the same number of steps on every rank
     flat = [i for sh in shares for b in sh for i in b]
     assert set(flat) == set(range(500))
     if world == 1:
         assert len(flat) == 500
     samplers[0].set_epoch(3)
-    assert list(samplers[0]) != shares[0]
+    assert [b.tolist() for b in samplers[0]] != shares[0]
     samplers[0].set_epoch(2, skip=2)
-    assert list(samplers[0]) == shares[0][2:] and len(samplers[0]) == len(shares[0]) - 2
+    assert [b.tolist() for b in samplers[0]] == shares[0][2:] and len(samplers[0]) == len(shares[0]) - 2
 
 
 def test_collate_right_pads_and_shifts():

@@ -1,20 +1,20 @@
-// conv_attention: op schemas (a TORCH_LIBRARY_FRAGMENT of the convs2s namespace), argument checks, the GEMMs
-// (ATen), and dispatch of the fused softmax kernels (conv_attention_cpu.cpp, conv_attention_cuda.cu).
+// conv_attention: argument checks, the GEMMs (ATen), and dispatch of the fused softmax kernels
+// (conv_attention_cpu.cpp, conv_attention_cuda.cu). The op schemas are in module.cpp.
 //
 // Forward (B sentences, Tt target steps, Ts source positions; sigma[b] = sqrt(real source tokens of b)):
 //   q   = sqrt(.5) * (x @ w_in^T + b_in + te)                 GEMM, then one fused in-place pass for the rest
-//   S   = q @ K^T                                              batched GEMM           (B, Tt, Ts), a temporary
-//   P~  = sigma * masked_softmax(S), lse = row log-sum-exp      fused kernel, in place on S
+//   S   = q @ K^T                                              batched GEMM, fp32 (fp64 for fp64)  (B, Tt, Ts)
+//   P~  = sigma * masked_softmax(S), lse = row log-sum-exp      fused kernel, P~ in the inputs' dtype
 //   ctx = P~ @ V                                               batched GEMM (the sqrt(s) scale rides on P~)
 //   out = sqrt(.5) * (ctx @ w_out^T + b_out + x)               GEMM, then the same fused pass
 // Saved for the backward: q, ctx (B, Tt, E) and lse (B, Tt); no (B, Tt, Ts) tensor unless need_weights asks for
-// the probabilities. The backward recomputes S from q and K, and P from S and lse (flash-attention's recipe).
+// the probabilities. The backward recomputes S from q and K, and P from S and lse (flash-attention's recipe). S is
+// in the softmax's precision in both directions (see scores() below).
 // On CUDA without need_weights, S, P~ and ctx come from one flash-style kernel instead (conv_attention_cuda.cu),
 // which never writes S: the forward then has no (B, Tt, Ts) temporary either.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/core/DeviceGuard.h>
-#include <torch/library.h>
 
 #include <cmath>
 
@@ -51,6 +51,7 @@ std::array<int64_t, 5> check_inputs(const at::Tensor& x, const at::Tensor& te, c
   TORCH_CHECK(x.is_floating_point(), "conv_attention: x must be a floating-point tensor, got ", x.scalar_type());
   TORCH_CHECK(keys.dim() == 3, "conv_attention: encoder_keys must be (B, Ts, E), got shape ", keys.sizes());
   const int64_t B = x.size(0), Tt = x.size(1), C = x.size(2), Ts = keys.size(1), E = keys.size(2);
+  TORCH_CHECK(C >= 1 && E >= 1, "conv_attention: need C >= 1 and E >= 1 channels, got C = ", C, ", E = ", E);
   TORCH_CHECK(Tt >= 1 && Ts >= 1, "conv_attention: need at least one target and one source position, got Tt = ",
               Tt, ", Ts = ", Ts);
   check_shape("encoder_keys", keys, {B, Ts, E}, "(B, Ts, E)");
@@ -97,12 +98,26 @@ int cuda_dtype_code(at::ScalarType t) {
 
 const bool* mask_ptr(const std::optional<at::Tensor>& m) { return m.has_value() ? m->const_data_ptr<bool>() : nullptr; }
 
-void softmax_fwd(at::Tensor& scores, at::Tensor& lse, at::Tensor& attn, const std::optional<at::Tensor>& mask,
-                 const at::Tensor& sigma, const AttnSizes& s) {
-  if (scores.is_cuda()) {
+// The scores q @ K^T (B, Tt, Ts) in the softmax's precision (fp32 for 16-bit inputs). The CUDA flash forward
+// forms them as fp32 dot products and saves the log-sum-exp of those; the backward must recompute the same
+// scores, since p = exp(score - lse) with a score rounded to 16 bits is off by up to a few percent and the rows of
+// p no longer sum to 1 (tests/ops/test_conv_attention.py emulates both on the CPU).
+at::Tensor scores(const at::Tensor& q, const at::Tensor& keys) {
+  const auto acc = acc_type(q.scalar_type());
+  return at::bmm(q.to(acc), keys.to(acc).transpose(1, 2));
+}
+
+// A (B, Tt, Ts) buffer for sigma * p in the inputs' dtype: the scores' own storage when that dtype is acc_t.
+at::Tensor p_scaled_like(const at::Tensor& s, const at::Tensor& x) {
+  return s.scalar_type() == x.scalar_type() ? s : at::empty(s.sizes(), x.options());
+}
+
+void softmax_fwd(const at::Tensor& s, at::Tensor& p_scaled, at::Tensor& lse, at::Tensor& attn,
+                 const std::optional<at::Tensor>& mask, const at::Tensor& sigma, const AttnSizes& sz) {
+  if (s.is_cuda()) {
 #ifdef CONVS2S_WITH_CUDA
-    attn_softmax_fwd_cuda(cuda_dtype_code(scores.scalar_type()), scores.data_ptr(), lse.data_ptr(),
-                          attn.numel() ? attn.data_ptr() : nullptr, mask_ptr(mask), sigma.data_ptr(), s,
+    attn_softmax_fwd_cuda(cuda_dtype_code(p_scaled.scalar_type()), s.data_ptr(), p_scaled.data_ptr(), lse.data_ptr(),
+                          attn.numel() ? attn.data_ptr() : nullptr, mask_ptr(mask), sigma.data_ptr(), sz,
                           c10::cuda::getCurrentCUDAStream().stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
@@ -110,34 +125,36 @@ void softmax_fwd(at::Tensor& scores, at::Tensor& lse, at::Tensor& attn, const st
     TORCH_CHECK(false, "conv_attention: the extension was built without CUDA kernels");
 #endif
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "attn_softmax_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p_scaled.scalar_type(), "attn_softmax_fwd", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    attn_softmax_fwd_cpu<scalar_t, acc_t>(scores.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>(),
+    attn_softmax_fwd_cpu<scalar_t, acc_t>(s.const_data_ptr<acc_t>(), p_scaled.mutable_data_ptr<scalar_t>(),
+                                          lse.mutable_data_ptr<acc_t>(),
                                           attn.numel() ? attn.mutable_data_ptr<scalar_t>() : nullptr,
-                                          mask_ptr(mask), sigma.const_data_ptr<acc_t>(), s);
+                                          mask_ptr(mask), sigma.const_data_ptr<acc_t>(), sz);
   });
 }
 
-void softmax_bwd(at::Tensor& scores, at::Tensor& dpt, const std::optional<at::Tensor>& grad_attn,
-                 const at::Tensor& lse, const std::optional<at::Tensor>& mask, const at::Tensor& sigma,
-                 const AttnSizes& s) {
-  if (scores.is_cuda()) {
+void softmax_bwd(const at::Tensor& s, at::Tensor& p_scaled, at::Tensor& dpt,
+                 const std::optional<at::Tensor>& grad_attn, const at::Tensor& lse,
+                 const std::optional<at::Tensor>& mask, const at::Tensor& sigma, const AttnSizes& sz) {
+  if (s.is_cuda()) {
 #ifdef CONVS2S_WITH_CUDA
-    attn_softmax_bwd_cuda(cuda_dtype_code(scores.scalar_type()), scores.data_ptr(), dpt.data_ptr(),
+    attn_softmax_bwd_cuda(cuda_dtype_code(dpt.scalar_type()), s.data_ptr(), p_scaled.data_ptr(), dpt.data_ptr(),
                           grad_attn.has_value() ? grad_attn->data_ptr() : nullptr, lse.data_ptr(), mask_ptr(mask),
-                          sigma.data_ptr(), s, c10::cuda::getCurrentCUDAStream().stream());
+                          sigma.data_ptr(), sz, c10::cuda::getCurrentCUDAStream().stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
 #else
     TORCH_CHECK(false, "conv_attention: the extension was built without CUDA kernels");
 #endif
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "attn_softmax_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dpt.scalar_type(), "attn_softmax_bwd", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    attn_softmax_bwd_cpu<scalar_t, acc_t>(scores.mutable_data_ptr<scalar_t>(), dpt.mutable_data_ptr<scalar_t>(),
+    attn_softmax_bwd_cpu<scalar_t, acc_t>(s.const_data_ptr<acc_t>(), p_scaled.mutable_data_ptr<scalar_t>(),
+                                          dpt.mutable_data_ptr<scalar_t>(),
                                           grad_attn.has_value() ? grad_attn->const_data_ptr<scalar_t>() : nullptr,
                                           lse.const_data_ptr<acc_t>(), mask_ptr(mask), sigma.const_data_ptr<acc_t>(),
-                                          s);
+                                          sz);
   });
 }
 
@@ -164,6 +181,8 @@ void bias_residual_scale(at::Tensor& y, const at::Tensor& bias, const at::Tensor
 std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
+
+}  // namespace
 
 // Forward: (out (B, Tt, C), attn (B, Tt, Ts) if need_weights else (0,), and for the backward: q (B, Tt, E),
 // ctx (B, Tt, E), lse (B, Tt) in fp32 (fp64 for fp64 inputs)).
@@ -195,9 +214,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_atte
   }
 #endif
   if (!ctx.defined()) {
-    at::Tensor scores = at::bmm(q3, keys.transpose(1, 2));                                         // (B, Tt, Ts)
-    softmax_fwd(scores, lse, attn, mask, sigma, sizes);
-    ctx = at::bmm(scores, values);                                                                 // (B, Tt, E)
+    const at::Tensor s = scores(q3, keys);                                                         // (B, Tt, Ts)
+    at::Tensor p = p_scaled_like(s, x);
+    softmax_fwd(s, p, lse, attn, mask, sigma, sizes);
+    ctx = at::bmm(p, values);                                                                      // (B, Tt, E)
   }
   at::Tensor out = at::mm(ctx.view({B * Tt, E}), w_out.t());                                       // (B*Tt, C)
   bias_residual_scale(out, b_out, x2);
@@ -214,6 +234,7 @@ conv_attention_bwd(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   TORCH_CHECK(x.dim() == 3 && keys.dim() == 3, "conv_attention backward: x must be (B, Tt, C) and encoder_keys ",
               "(B, Ts, E), got shapes ", x.sizes(), " and ", keys.sizes());
   const int64_t B = x.size(0), Tt = x.size(1), C = x.size(2), Ts = keys.size(1), E = keys.size(2);
+  TORCH_CHECK(C >= 1 && E >= 1, "conv_attention backward: need C >= 1 and E >= 1 channels, got C = ", C, ", E = ", E);
   check_shape("grad_out", grad_out, {B, Tt, C}, "(B, Tt, C)");
   check_shape("encoder_values", values, {B, Ts, E}, "(B, Ts, E)");
   check_shape("w_in", w_in, {E, C}, "(E, C)");
@@ -248,9 +269,10 @@ conv_attention_bwd(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   at::Tensor grad_b_out = g2.sum(0).mul_(kSqrtHalf);
   at::Tensor grad_w_out = at::addmm(unused, g2.t(), ctx2, 0.0, kSqrtHalf);            // (C, E)
   const at::Tensor dctx = at::addmm(unused, g2, w_out, 0.0, kSqrtHalf).view({B, Tt, E});
-  at::Tensor p = at::bmm(q, keys.transpose(1, 2));                         // (B, Tt, Ts): the scores, recomputed
+  const at::Tensor s = scores(q, keys);                                    // (B, Tt, Ts): recomputed, as forward's
+  at::Tensor p = p_scaled_like(s, x);
   at::Tensor ds = at::bmm(dctx, values.transpose(1, 2));                   // (B, Tt, Ts): d loss / d (sigma * p)
-  softmax_bwd(p, ds, ga, lse, mask, source_scale(mask, B, Ts, x), AttnSizes{B, Tt, Ts, E});
+  softmax_bwd(s, p, ds, ga, lse, mask, source_scale(mask, B, Ts, x), AttnSizes{B, Tt, Ts, E});
   at::Tensor grad_values = at::bmm(p.transpose(1, 2), dctx);              // (B, Ts, E)
   at::Tensor grad_keys = at::bmm(ds.transpose(1, 2), q);                  // (B, Ts, E)
   // q = sqrt(.5) * (x @ w_in^T + b_in + te): d loss / d te = d loss / d (x @ w_in^T) = sqrt(.5) * ds @ K
@@ -262,27 +284,4 @@ conv_attention_bwd(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   return {grad_x, grad_te, grad_keys, grad_values, grad_w_in, grad_b_in, grad_w_out, grad_b_out};
 }
 
-}  // namespace
 }  // namespace convs2s
-
-TORCH_LIBRARY_FRAGMENT(convs2s, m) {
-  m.def("conv_attention_native_fwd(Tensor x, Tensor target_embedding, Tensor encoder_keys, Tensor encoder_values, "
-        "Tensor? src_padding_mask, Tensor w_in, Tensor b_in, Tensor w_out, Tensor b_out, bool need_weights) -> "
-        "(Tensor out, Tensor attn, Tensor q, Tensor ctx, Tensor lse)");
-  m.def("conv_attention_native_bwd(Tensor grad_out, Tensor? grad_attn, Tensor x, Tensor encoder_keys, "
-        "Tensor encoder_values, Tensor? src_padding_mask, Tensor w_in, Tensor w_out, Tensor q, Tensor ctx, "
-        "Tensor lse) -> (Tensor grad_x, Tensor grad_target_embedding, Tensor grad_keys, Tensor grad_values, "
-        "Tensor grad_w_in, Tensor grad_b_in, Tensor grad_w_out, Tensor grad_b_out)");
-}
-
-TORCH_LIBRARY_IMPL(convs2s, CPU, m) {
-  m.impl("conv_attention_native_fwd", &convs2s::conv_attention_fwd);
-  m.impl("conv_attention_native_bwd", &convs2s::conv_attention_bwd);
-}
-
-#ifdef CONVS2S_WITH_CUDA
-TORCH_LIBRARY_IMPL(convs2s, CUDA, m) {
-  m.impl("conv_attention_native_fwd", &convs2s::conv_attention_fwd);
-  m.impl("conv_attention_native_bwd", &convs2s::conv_attention_bwd);
-}
-#endif

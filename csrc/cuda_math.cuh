@@ -1,13 +1,30 @@
-// Element access for the CUDA kernels: loads widen to the compute type (float; double for double), stores round
-// to nearest. Overloads with the conversion intrinsics, since torch builds with __CUDA_NO_HALF_CONVERSIONS__ (no
-// implicit half <-> float).
+// The CUDA kernels' dtype dispatch and element access. Loads widen to the compute type (float; double for double),
+// stores round to nearest: overloads with the conversion intrinsics, since torch builds with
+// __CUDA_NO_HALF_CONVERSIONS__ (no implicit half <-> float).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common.h"
+
 namespace convs2s {
 namespace cuda_math {
+
+// The compute type of a storage type: float, double for double.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+// Calls f with a null pointer of the storage type named by a DTypeCode (common.h); the launchers' dtype dispatch.
+template <typename F>
+void dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kDTypeFloat: f(static_cast<float*>(nullptr)); break;
+    case kDTypeDouble: f(static_cast<double*>(nullptr)); break;
+    case kDTypeHalf: f(static_cast<__half*>(nullptr)); break;
+    case kDTypeBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+  }
+}
 
 __device__ __forceinline__ float load(const float* p) { return *p; }
 __device__ __forceinline__ double load(const double* p) { return *p; }

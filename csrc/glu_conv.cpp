@@ -1,5 +1,5 @@
-// glu_conv: op schemas (TORCH_LIBRARY), argument checks, the convolution's GEMMs (ATen), and dispatch of the
-// kernels around them (glu_conv_cpu.cpp, glu_conv_cuda.cu) by device and dtype.
+// glu_conv: argument checks, the convolution's GEMMs (ATen), and dispatch of the kernels around them
+// (glu_conv_cpu.cpp, glu_conv_cuda.cu) by device and dtype. The op schemas are in module.cpp.
 //
 // The convolution is one GEMM on im2col rows (see glu_conv.h): h = xcol (B*T, k*C_in) @ W (k*C_in, 2*C_out).
 // Measured on the 2-core CI CPU at B=32 T=64 C=512->512 k=3 (fp32), one GEMM with K = k*C_in beat k per-tap
@@ -7,23 +7,19 @@
 // ones by ~20%: the per-tap versions re-read and re-write the output k times. xcol costs k times x in memory, so
 // it is rebuilt in the backward rather than saved; h (conv(x) without the bias, (B*T, 2*C_out)) is saved.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/core/DeviceGuard.h>
-#include <torch/library.h>
 
-#include <cmath>
-
+#include "common.h"
 #include "glu_conv.h"
 
 #ifdef CONVS2S_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace convs2s {
 namespace {
 
-constexpr double kSqrtHalf = 0.70710678118654752440;
+constexpr const char* kOp = "glu_conv";
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& residual) {
@@ -35,6 +31,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
   TORCH_CHECK(weight.device() == x.device(), "glu_conv: weight is on ", weight.device(), " but x is on ",
               x.device(), "; all inputs must share one device");
   TORCH_CHECK(x.size(1) >= 1, "glu_conv: x must have at least one time step, got shape ", x.sizes());
+  TORCH_CHECK(x.size(2) >= 1, "glu_conv: x must have at least one input channel (C_in >= 1), got shape ",
+              x.sizes());
   TORCH_CHECK(weight.size(0) >= 1, "glu_conv: weight must have kernel width k >= 1, got shape ", weight.sizes());
   TORCH_CHECK(weight.size(1) == x.size(2), "glu_conv: weight has C_in = ", weight.size(1),
               " (dim 1 of (k, C_in, 2*C_out)) but x has C_in = ", x.size(2), " (dim 2 of (B, T, C_in))");
@@ -69,31 +67,21 @@ GluConvSizes sizes_of(const at::Tensor& x, const at::Tensor& weight, bool has_re
 
 #ifdef CONVS2S_WITH_CUDA
 const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
-
-int cuda_dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return 0;
-    case at::kDouble: return 1;
-    case at::kHalf: return 2;
-    case at::kBFloat16: return 3;
-    default: TORCH_CHECK(false, "glu_conv: unsupported dtype ", t, " (float, double, half, bfloat16 only)");
-  }
-}
 #endif
 
 at::Tensor im2col(const at::Tensor& x, const GluConvSizes& s) {
   at::Tensor xcol = at::empty({s.B * s.T, s.k * s.C_in}, x.options());
   if (x.is_cuda()) {
 #ifdef CONVS2S_WITH_CUDA
-    glu_conv_im2col_cuda(cuda_dtype_code(x.scalar_type()), x.data_ptr(), xcol.data_ptr(), s,
-                         c10::cuda::getCurrentCUDAStream().stream());
+    glu_conv_im2col_cuda(dtype_code(x.scalar_type(), kOp), x.data_ptr(), xcol.data_ptr(), s,
+                         current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return xcol;
 #else
     TORCH_CHECK(false, "glu_conv: the extension was built without CUDA kernels");
 #endif
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "glu_conv_im2col", [&] {
+  CONVS2S_DISPATCH_FLOATING(x.scalar_type(), "glu_conv_im2col", [&] {
     glu_conv_im2col_cpu<scalar_t>(x.const_data_ptr<scalar_t>(), xcol.mutable_data_ptr<scalar_t>(), s);
   });
   return xcol;
@@ -103,15 +91,15 @@ at::Tensor col2im(const at::Tensor& dcol, const GluConvSizes& s) {
   at::Tensor dx = at::empty({s.B, s.T, s.C_in}, dcol.options());
   if (dcol.is_cuda()) {
 #ifdef CONVS2S_WITH_CUDA
-    glu_conv_col2im_cuda(cuda_dtype_code(dcol.scalar_type()), dcol.data_ptr(), dx.data_ptr(), s,
-                         c10::cuda::getCurrentCUDAStream().stream());
+    glu_conv_col2im_cuda(dtype_code(dcol.scalar_type(), kOp), dcol.data_ptr(), dx.data_ptr(), s,
+                         current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return dx;
 #else
     TORCH_CHECK(false, "glu_conv: the extension was built without CUDA kernels");
 #endif
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dcol.scalar_type(), "glu_conv_col2im", [&] {
+  CONVS2S_DISPATCH_FLOATING(dcol.scalar_type(), "glu_conv_col2im", [&] {
     glu_conv_col2im_cpu<scalar_t>(dcol.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), s);
   });
   return dx;
@@ -121,15 +109,15 @@ void epilogue(const at::Tensor& h, const std::optional<at::Tensor>& bias, const 
               at::Tensor& y, const GluConvSizes& s) {
   if (y.is_cuda()) {
 #ifdef CONVS2S_WITH_CUDA
-    glu_conv_epilogue_cuda(cuda_dtype_code(y.scalar_type()), h.data_ptr(), ptr_or_null(bias), ptr_or_null(res),
-                           y.data_ptr(), s, c10::cuda::getCurrentCUDAStream().stream());
+    glu_conv_epilogue_cuda(dtype_code(y.scalar_type(), kOp), h.data_ptr(), ptr_or_null(bias), ptr_or_null(res),
+                           y.data_ptr(), s, current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
 #else
     TORCH_CHECK(false, "glu_conv: the extension was built without CUDA kernels");
 #endif
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "glu_conv_epilogue", [&] {
+  CONVS2S_DISPATCH_FLOATING(y.scalar_type(), "glu_conv_epilogue", [&] {
     glu_conv_epilogue_cpu<scalar_t>(h.const_data_ptr<scalar_t>(),
                                     bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr,
                                     res.has_value() ? res->const_data_ptr<scalar_t>() : nullptr,
@@ -142,20 +130,22 @@ void prologue(const at::Tensor& grad_y, const at::Tensor& h, const std::optional
   void* dres = grad_res.numel() > 0 ? grad_res.data_ptr() : nullptr;
   if (dh.is_cuda()) {
 #ifdef CONVS2S_WITH_CUDA
-    glu_conv_prologue_cuda(cuda_dtype_code(dh.scalar_type()), grad_y.data_ptr(), h.data_ptr(), ptr_or_null(bias),
-                           dh.data_ptr(), dres, s, c10::cuda::getCurrentCUDAStream().stream());
+    glu_conv_prologue_cuda(dtype_code(dh.scalar_type(), kOp), grad_y.data_ptr(), h.data_ptr(), ptr_or_null(bias),
+                           dh.data_ptr(), dres, s, current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
 #else
     TORCH_CHECK(false, "glu_conv: the extension was built without CUDA kernels");
 #endif
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dh.scalar_type(), "glu_conv_prologue", [&] {
+  CONVS2S_DISPATCH_FLOATING(dh.scalar_type(), "glu_conv_prologue", [&] {
     glu_conv_prologue_cpu<scalar_t>(grad_y.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
                                     bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr,
                                     dh.mutable_data_ptr<scalar_t>(), static_cast<scalar_t*>(dres), s);
   });
 }
+
+}  // namespace
 
 // Forward: (y (B, T, C_out), h (B*T, 2*C_out) = conv(x) without the bias, saved for the backward).
 std::tuple<at::Tensor, at::Tensor> glu_conv_fwd(const at::Tensor& x, const at::Tensor& weight,
@@ -165,9 +155,7 @@ std::tuple<at::Tensor, at::Tensor> glu_conv_fwd(const at::Tensor& x, const at::T
   const at::OptionalDeviceGuard guard(x.device());
   const GluConvSizes s = sizes_of(x, weight, residual.has_value(), causal);
   const at::Tensor h = at::mm(im2col(x, s), weight.reshape({s.k * s.C_in, 2 * s.C_out}));   // (B*T, 2*C_out)
-  std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  std::optional<at::Tensor> res =
-      residual.has_value() ? std::optional<at::Tensor>(residual->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> b = contiguous_or_none(bias), res = contiguous_or_none(residual);
   at::Tensor y = at::empty({s.B, s.T, s.C_out}, x.options());
   epilogue(h, b, res, y, s);
   return {y, h};
@@ -190,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> glu_conv_bwd(
               "glu_conv backward: h must be the contiguous (B*T, 2*C_out) = (", s.B * s.T, ", ", 2 * s.C_out,
               ") tensor saved by the forward, got ", h.sizes());
   const auto empty = [&] { return at::empty({0}, x.options()); };
-  std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> b = contiguous_or_none(bias);
   at::Tensor dh = at::empty({s.B * s.T, 2 * s.C_out}, x.options());
   at::Tensor grad_res = has_residual && output_mask[3] ? at::empty({s.B, s.T, s.C_out}, x.options()) : empty();
   prologue(grad_y.contiguous(), h, b, dh, grad_res, s);
@@ -203,25 +191,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> glu_conv_bwd(
   return {grad_x, grad_w, grad_b, grad_res};
 }
 
-}  // namespace
 }  // namespace convs2s
-
-TORCH_LIBRARY(convs2s, m) {
-  m.def("glu_conv_native_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool causal) "
-        "-> (Tensor y, Tensor h)");
-  m.def("glu_conv_native_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor h, bool has_residual, "
-        "bool causal, bool[4] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
-        "Tensor grad_residual)");
-}
-
-TORCH_LIBRARY_IMPL(convs2s, CPU, m) {
-  m.impl("glu_conv_native_fwd", &convs2s::glu_conv_fwd);
-  m.impl("glu_conv_native_bwd", &convs2s::glu_conv_bwd);
-}
-
-#ifdef CONVS2S_WITH_CUDA
-TORCH_LIBRARY_IMPL(convs2s, CUDA, m) {
-  m.impl("glu_conv_native_fwd", &convs2s::glu_conv_fwd);
-  m.impl("glu_conv_native_bwd", &convs2s::glu_conv_bwd);
-}
-#endif

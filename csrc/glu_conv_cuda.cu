@@ -21,10 +21,8 @@
 namespace convs2s {
 namespace {
 
-// The compute type: float, double for double (loads widen to it, cuda_math.cuh).
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
+using cuda_math::Acc;
+using cuda_math::dispatch_dtype;
 using cuda_math::load;
 using cuda_math::store;
 
@@ -109,21 +107,10 @@ unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(b < 1 ? 1 : (b > 65535 ? 65535 : b));
 }
 
-// Calls f with a null pointer of the storage type named by dtype (0 float, 1 double, 2 half, 3 bfloat16).
-template <typename F>
-void dispatch(int dtype, F&& f) {
-  switch (dtype) {
-    case 0: f(static_cast<float*>(nullptr)); break;
-    case 1: f(static_cast<double*>(nullptr)); break;
-    case 2: f(static_cast<__half*>(nullptr)); break;
-    case 3: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-  }
-}
-
 }  // namespace
 
 void glu_conv_im2col_cuda(int dtype, const void* x, void* xcol, const GluConvSizes& s, void* stream) {
-  dispatch(dtype, [&](auto* tag) {
+  dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     im2col_kernel<T><<<blocks_for(s.B * s.T * s.k * s.C_in), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(x), static_cast<T*>(xcol), s);
@@ -131,7 +118,7 @@ void glu_conv_im2col_cuda(int dtype, const void* x, void* xcol, const GluConvSiz
 }
 
 void glu_conv_col2im_cuda(int dtype, const void* dcol, void* dx, const GluConvSizes& s, void* stream) {
-  dispatch(dtype, [&](auto* tag) {
+  dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     col2im_kernel<T><<<blocks_for(s.B * s.T * s.C_in), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(dcol), static_cast<T*>(dx), s);
@@ -140,7 +127,7 @@ void glu_conv_col2im_cuda(int dtype, const void* dcol, void* dx, const GluConvSi
 
 void glu_conv_epilogue_cuda(int dtype, const void* h, const void* bias, const void* residual, void* y,
                             const GluConvSizes& s, void* stream) {
-  dispatch(dtype, [&](auto* tag) {
+  dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     epilogue_kernel<T><<<blocks_for(s.B * s.T * s.C_out), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(h), static_cast<const T*>(bias), static_cast<const T*>(residual), static_cast<T*>(y),
@@ -150,7 +137,7 @@ void glu_conv_epilogue_cuda(int dtype, const void* h, const void* bias, const vo
 
 void glu_conv_prologue_cuda(int dtype, const void* grad_y, const void* h, const void* bias, void* dh,
                             void* grad_residual, const GluConvSizes& s, void* stream) {
-  dispatch(dtype, [&](auto* tag) {
+  dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     prologue_kernel<T><<<blocks_for(s.B * s.T * s.C_out), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(grad_y), static_cast<const T*>(h), static_cast<const T*>(bias), static_cast<T*>(dh),

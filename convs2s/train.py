@@ -44,11 +44,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import data as data_mod
-from .generate import autocast_for, translate_lines
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from .device import autocast_for
+from .distributed import agree, all_reduce_sum, init_distributed, on_main, run_agreed
+from .generate import translate_lines
 from .model import PRESETS, ConvS2S, ConvS2SConfig
 from .tokenizer import PAD_ID, Tokenizer
-
-CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -91,83 +92,7 @@ class TrainArgs:
     num_threads: int = 0              # torch CPU threads (0 = torch's default); 1 wins on a shared, busy CPU
 
 
-# ----------------------------------------------------------------------------------------------- distributed
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
-    """Join the process group torchrun describes (WORLD_SIZE > 1), and pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if d.enabled and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return d, device
-
-
-def _all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (atomic on POSIX):
-    a process killed mid-write leaves the previous file untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a convs2s checkpoint of format {CHECKPOINT_FORMAT}")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu", backend: str | None = None):
-    """(model in eval mode on `device`, tokenizer) from a loaded checkpoint; `backend` overrides the saved one."""
-    cfg = dict(ckpt["config"])
-    if backend is not None:
-        cfg["backend"] = backend
-    model = ConvS2S.uninitialized(ConvS2SConfig.from_dict(cfg), device=device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), Tokenizer.from_state(ckpt["tokenizer"])
-
+# ----------------------------------------------------------------------------------------------- RNG state
 
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
@@ -241,6 +166,10 @@ def val_bleu(model, tok: Tokenizer, src: list[str], ref: list[str], max_tokens: 
     return {"bleu": bleu.corpus_score(hyps, [ref]).score, "bleu_signature": str(bleu.get_signature())}
 
 
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN/inf; the run stopped without saving the diverged weights."""
+
+
 class TrainResult(NamedTuple):
     metrics: dict          # the final numbers (the same on every rank)
     model: ConvS2S         # this rank's model (not DDP-wrapped), in train mode
@@ -248,7 +177,27 @@ class TrainResult(NamedTuple):
 
 
 def train(args: TrainArgs) -> TrainResult:
-    """Run training as `args` says."""
+    """Run training as `args` says.
+
+    The process-wide settings a run changes (torch's CPU thread count, deterministic algorithms,
+    CUBLAS_WORKSPACE_CONFIG) are restored on return or error: a caller's process is left as it was found.
+    """
+    threads = torch.get_num_threads()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        return _train(args)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
+def _train(args: TrainArgs) -> TrainResult:
     t_start = time.time()
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
@@ -268,6 +217,13 @@ def train(args: TrainArgs) -> TrainResult:
     ckpt = None
     if args.resume is not None:
         ckpt = load_checkpoint(args.resume or save_dir / "last.pt")
+        if len(ckpt["rng"]) != d.world_size:
+            # Each rank's RNG stream and its position in its share of the epoch's batches are saved per rank;
+            # with another number of processes neither maps onto the new ranks, so the run would not continue
+            # as it would have.
+            raise ValueError(f"the checkpoint was written by {len(ckpt['rng'])} process(es), this run has "
+                             f"{d.world_size}: resume with the same number of processes (torchrun "
+                             f"--nproc-per-node {len(ckpt['rng'])})")
         saved = ckpt["args"]
         # The run's identity comes from the checkpoint; limits, logging and devices from this command line.
         keep = {"max_epochs", "max_updates", "max_minutes", "resume", "save_dir", "device", "backend", "data",
@@ -283,16 +239,14 @@ def train(args: TrainArgs) -> TrainResult:
     lr0 = args.lr if args.lr is not None else {"nag": 0.25, "adam": 5e-4}[args.optimizer]
     min_lr = args.min_lr if args.min_lr is not None else lr0 * 1e-4
 
-    # Data (every rank reads it; rank 0 trains the tokenizer and sends it to the others).
+    # Data (every rank reads it; rank 0 trains the tokenizer and sends it to the others). A failure on one rank
+    # is every rank's error (convs2s.distributed), never a rank left waiting in a broadcast.
     names = [data_mod.file_name(s, l) for s in ("train", "val") for l in (args.src_lang, args.tgt_lang)]
-    if d.main:
-        data_dir = data_mod.find_data(args.data, files=names)
-    if d.enabled:
-        box = [str(data_dir) if d.main else None]
-        dist.broadcast_object_list(box, src=0)
-        data_dir = Path(box[0])
-    train_src, train_tgt = data_mod.load_pair(data_dir, "train", args.src_lang, args.tgt_lang)
-    val_src, val_tgt = data_mod.load_pair(data_dir, "val", args.src_lang, args.tgt_lang)
+    data_dir = Path(on_main(lambda: str(data_mod.find_data(args.data, files=names)), d))
+    train_src, train_tgt = run_agreed(lambda: data_mod.load_pair(data_dir, "train", args.src_lang, args.tgt_lang),
+                                      d, device)
+    val_src, val_tgt = run_agreed(lambda: data_mod.load_pair(data_dir, "val", args.src_lang, args.tgt_lang), d,
+                                  device)
     if args.train_subset:
         train_src, train_tgt = train_src[:args.train_subset], train_tgt[:args.train_subset]
     if args.val_subset:
@@ -300,14 +254,9 @@ def train(args: TrainArgs) -> TrainResult:
     if ckpt is not None:
         tok = Tokenizer.from_state(ckpt["tokenizer"])
     else:
-        box = [None]
-        if d.main:
-            tok = Tokenizer.train(train_src, train_tgt, vocab_size=args.vocab_size, model_type=args.spm_type,
-                                  joint=args.joint_vocab)
-            box = [tok.state()]
-        if d.enabled:
-            dist.broadcast_object_list(box, src=0)
-        tok = Tokenizer.from_state(box[0])
+        tok = Tokenizer.from_state(on_main(lambda: Tokenizer.train(
+            train_src, train_tgt, vocab_size=args.vocab_size, model_type=args.spm_type, joint=args.joint_vocab).state(),
+            d))
 
     # Model: the same initial weights on every rank (seeded), then a per-rank stream for dropout.
     torch.manual_seed(args.seed)
@@ -373,9 +322,14 @@ def train(args: TrainArgs) -> TrainResult:
                 save_checkpoint(obj, save_dir / "best.pt")
 
     def run_validation() -> dict:
-        v = validate(model, val_ds, args.max_tokens, device, args.label_smoothing)
-        if n_bleu:
-            v |= val_bleu(model, tok, val_src[:n_bleu], val_tgt[:n_bleu], args.max_tokens)
+        def compute() -> dict:
+            v = validate(model, val_ds, args.max_tokens, device, args.label_smoothing)
+            if n_bleu:
+                v |= val_bleu(model, tok, val_src[:n_bleu], val_tgt[:n_bleu], args.max_tokens)
+            return v
+        # Rank 0 validates and sends its numbers: the lr schedule and the min-lr stop then agree on every rank
+        # (validation on each rank could differ in the last bit on a GPU, and the ranks would part ways).
+        v = on_main(compute, d)
         v = {"type": "valid", "epoch": state["epoch"], "update": state["updates"], **v,
              "wall_s": round(time.time() - t_start, 2)}
         log.write(v)
@@ -395,6 +349,19 @@ def train(args: TrainArgs) -> TrainResult:
                    if ckpt is not None else None})
 
     deadline = t_start + args.max_minutes * 60 if args.max_minutes > 0 else math.inf
+    # The first update of this run whose loss was NaN/inf (0: none), tracked on the device without a host sync;
+    # read at log steps and before every validation and save, so a diverged model is never saved.
+    first_bad = torch.zeros((), dtype=torch.long, device=device)
+
+    def check_finite() -> None:
+        bad = int(first_bad.item())
+        if agree(bad > 0, d, device):
+            where = f"at update {bad}" if bad else "on another rank"
+            msg = (f"training diverged: the loss became NaN/inf {where}; stopped without saving, the last good "
+                   f"checkpoint is {save_dir / 'last.pt'}" + ("" if (save_dir / "last.pt").exists() else
+                                                              " (none was saved yet)"))
+            log.write({"type": "error", "update": state["updates"], "error": msg})
+            raise TrainingDiverged(msg)
     last_valid: dict = {}
     stop_reason = None
     tokens_done, loop_s = 0, 0.0      # this process's target tokens and seconds inside the update loop
@@ -411,7 +378,7 @@ def train(args: TrainArgs) -> TrainResult:
         t_interval = t_loop = time.time()
         for indices in sampler:
             b = train_ds.collate(indices).to(device)
-            ntok = _all_reduce_sum(torch.tensor([float(b.ntokens)], device=device), d)
+            ntok = all_reduce_sum(torch.tensor([float(b.ntokens)], device=device), d)
             with autocast_for(device):
                 logits = ddp(b.src_tokens, b.src_lengths, b.prev_output_tokens)
             loss, nll = label_smoothed_nll_loss(logits, b.target, args.label_smoothing)
@@ -424,11 +391,14 @@ def train(args: TrainArgs) -> TrainResult:
             interval += torch.stack([loss.detach(), nll.detach(), torch.tensor(float(b.ntokens), device=device)])
             tokens_done += b.ntokens
             state["updates"] += 1
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()),
+                                    torch.tensor(state["updates"], device=device), first_bad)
             state["batch_in_epoch"] += 1
             bar.update(1)
             if state["updates"] % args.log_interval == 0 or state["updates"] == 1:
+                check_finite()
                 now = time.time()
-                loss_sum, nll_sum, ntok_sum = _all_reduce_sum(interval, d).tolist()
+                loss_sum, nll_sum, ntok_sum = all_reduce_sum(interval, d).tolist()
                 rec = {"type": "train", "epoch": state["epoch"], "update": state["updates"],
                        "loss": loss_sum / ntok_sum, "nll_loss": nll_sum / ntok_sum,
                        "ppl": math.exp(nll_sum / ntok_sum), "lr": state["lr"], "gnorm": float(gnorm),
@@ -439,17 +409,21 @@ def train(args: TrainArgs) -> TrainResult:
                                 tok_s=f"{rec['tokens_per_s']:.0f}", lr=f"{state['lr']:.3g}")
                 interval.zero_()
                 t_interval = now
+            # Every rank must take the same stop decision at the same update, or they wait in different
+            # collectives: the update count is the same everywhere, the clocks are not (agree() all-reduces).
             if args.max_updates and state["updates"] >= args.max_updates:
                 stop_reason = "max_updates"
-            elif time.time() > deadline:
+            elif deadline < math.inf and agree(time.time() > deadline, d, device):
                 stop_reason = "max_minutes"
             if stop_reason:
                 break
             if args.save_interval_updates and state["updates"] % args.save_interval_updates == 0:
+                check_finite()
                 save(best=False)
         bar.close()
         loop_s += time.time() - t_loop
         epoch_done = _epoch_complete(sampler, state)
+        check_finite()
         last_valid = run_validation()
         improved = last_valid["loss"] < state["best_val"]
         if improved:
@@ -468,7 +442,7 @@ def train(args: TrainArgs) -> TrainResult:
         save(best=improved)
 
     wall = time.time() - t_start
-    tokens_done = int(_all_reduce_sum(torch.tensor([tokens_done], dtype=torch.float64, device=device), d).item())
+    tokens_done = int(all_reduce_sum(torch.tensor([tokens_done], dtype=torch.float64, device=device), d).item())
     metrics = {
         "preset": preset, "src_lang": args.src_lang, "tgt_lang": args.tgt_lang, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -24,8 +24,9 @@ import os
 import shutil
 import tempfile
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -177,7 +178,7 @@ class Batch(NamedTuple):
     ntokens: int                      # real target tokens (the loss is normalised by this)
     indices: torch.Tensor             # (B,) the sentences' positions in the dataset
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return self._replace(**{k: getattr(self, k).to(device, non_blocking=True)
                                 for k in ("src_tokens", "src_lengths", "prev_output_tokens", "target", "indices")})
 

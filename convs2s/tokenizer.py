@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import itertools
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
@@ -66,7 +66,7 @@ class Tokenizer:
 
     @classmethod
     def train(cls, src_lines: Iterable[str], tgt_lines: Iterable[str], *, vocab_size: int = 8000,
-              model_type: str = "bpe", joint: bool = False, sample: int = 0) -> "Tokenizer":
+              model_type: str = "bpe", joint: bool = False, sample: int = 0) -> Tokenizer:
         """Separate models (or one on both sides' lines when joint); `sample` lines at most per model."""
         if joint:
             proto = train_sentencepiece(itertools.chain(src_lines, tgt_lines), vocab_size, model_type,
@@ -102,5 +102,5 @@ class Tokenizer:
         return {"src_proto": self.src_proto, "tgt_proto": self.tgt_proto}
 
     @classmethod
-    def from_state(cls, state: dict) -> "Tokenizer":
+    def from_state(cls, state: dict) -> Tokenizer:
         return cls(state["src_proto"], state["tgt_proto"])

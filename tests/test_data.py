@@ -8,9 +8,7 @@ import torch
 
 from convs2s import data as D
 from convs2s.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
-
 from tests.multi30k import multi30k_dir
-
 
 # ------------------------------------------------------------------------------------------ files, download
 
@@ -123,6 +121,7 @@ def test_tokenizer_special_ids_round_trip_and_state(pairs, joint):
 
 def test_tokenizer_rejects_other_special_ids():
     import io
+
     import sentencepiece as spm
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(["ein hund", "zwei katzen"] * 50), model_writer=proto,

@@ -1,0 +1,258 @@
+"""One's own parallel corpora (convs2s.corpus): file checks and their errors, the sampled tokenizer, the encoded
+on-disk cache (equal to encoding in memory, reused, never half-written), length filtering, batching from it."""
+
+import gzip
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from convs2s import corpus as C
+from convs2s import data as D
+from convs2s.tokenizer import Tokenizer
+
+WORDS = ("ein mann hund läuft über die straße zwei frauen sitzen auf einer bank kinder spielen im park "
+         "der die das und mit vor hinter neben grün rot blau").split()
+
+
+def make_corpus(prefix, n=300, src="xx", tgt="yy", gz_tgt=False, seed=0) -> C.PairFiles:
+    """n random sentence pairs (1-30 words); the target side reverses and upper-cases the source's words."""
+    rng = random.Random(seed)
+    src_lines, tgt_lines = [], []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(1, 30))]
+        src_lines.append(" ".join(words))
+        tgt_lines.append(" ".join(w.upper() for w in reversed(words)))
+    write(f"{prefix}.{src}", src_lines)
+    write(f"{prefix}.{tgt}" + (".gz" if gz_tgt else ""), tgt_lines)
+    return C.find_pair(prefix, src, tgt)
+
+
+def write(path, lines, end="\n"):
+    data = "".join(line + end for line in lines).encode("utf-8")
+    with (gzip.open(path, "wb") if str(path).endswith(".gz") else open(path, "wb")) as f:
+        f.write(data)
+
+
+# ------------------------------------------------------------------------------------------ files and errors
+
+def test_find_pair_plain_and_gzip_any_language_code(tmp_path):
+    pair = make_corpus(tmp_path / "train", src="en-GB", tgt="pt_br", gz_tgt=True)
+    assert pair.src.name == "train.en-GB" and pair.tgt.name == "train.pt_br.gz"
+    assert C.count_lines(pair.src) == C.count_lines(pair.tgt) == 300
+
+
+def test_missing_side_both_forms_and_bad_codes_are_errors(tmp_path):
+    make_corpus(tmp_path / "train")
+    with pytest.raises(C.CorpusError, match=r"no zz side: neither .*train\.zz nor .*train\.zz\.gz exists"):
+        C.find_pair(tmp_path / "train", "xx", "zz")
+    write(tmp_path / "train.xx.gz", ["a"])
+    with pytest.raises(C.CorpusError, match=r"both .*train\.xx and .*train\.xx\.gz exist"):
+        C.find_pair(tmp_path / "train", "xx", "yy")
+    with pytest.raises(C.CorpusError, match="language code 'x/y'"):
+        C.find_side(tmp_path / "train", "x/y")
+    with pytest.raises(C.CorpusError, match="both 'yy'"):
+        C.find_pair(tmp_path / "train", "yy", "yy")
+
+
+def test_mismatched_line_counts_name_both_files_and_counts(tmp_path):
+    write(tmp_path / "c.xx", ["a b", "c"] * 5)
+    write(tmp_path / "c.yy.gz", ["A B"] * 9)
+    with pytest.raises(C.CorpusError, match=r"c\.xx has 10 lines but .*c\.yy\.gz has 9"):
+        C.check_pair(C.find_pair(tmp_path / "c", "xx", "yy"), tmp_path / "cache")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_invalid_utf8_names_file_and_line(tmp_path, gz):
+    raw = b"erste\nzweite\ndritte\n" + b"caf\xe9 latin-1\nf\xc3\xbcnfte\n"
+    path = tmp_path / ("c.xx.gz" if gz else "c.xx")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    write(tmp_path / "c.yy", ["a"] * 5)
+    with pytest.raises(C.CorpusError, match=r"c\.xx(\.gz)?, line 4: invalid UTF-8 .* at byte 4 of the line"):
+        C.check_pair(C.find_pair(tmp_path / "c", "xx", "yy"))
+
+
+def test_invalid_utf8_in_a_later_block_counts_lines_before_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "CHUNK_BYTES", 64)
+    lines = [f"line {i}" for i in range(100)]
+    raw = "".join(s + "\n" for s in lines).encode() + b"\xff\n"
+    (tmp_path / "c.xx").write_bytes(raw)
+    with pytest.raises(C.CorpusError, match=r"line 101: invalid UTF-8"):
+        C.count_lines(tmp_path / "c.xx")
+    assert sum(1 for _ in C.iter_blocks(tmp_path / "c.xx", 64)) > 5
+
+
+def test_empty_file_and_broken_gzip_are_errors(tmp_path):
+    (tmp_path / "c.xx").write_bytes(b"")
+    write(tmp_path / "c.yy", ["a"])
+    with pytest.raises(C.CorpusError, match=r"c\.xx is empty"):
+        C.check_pair(C.find_pair(tmp_path / "c", "xx", "yy"))
+    (tmp_path / "d.xx.gz").write_bytes(gzip.compress(b"a\nb\n")[:-6])
+    with pytest.raises(C.CorpusError, match=r"cannot read .*d\.xx\.gz"):
+        C.count_lines(tmp_path / "d.xx.gz")
+
+
+def test_line_ends_crlf_and_missing_final_newline(tmp_path):
+    (tmp_path / "c.xx").write_bytes(b"eins\r\nzwei\r\n\r\ndrei")
+    assert C.count_lines(tmp_path / "c.xx") == 4
+    assert list(C.iter_lines(tmp_path / "c.xx")) == ["eins", "zwei", "", "drei"]
+    assert C.read_head(tmp_path / "c.xx", 2) == ["eins", "zwei"]
+
+
+def test_check_is_stamped_by_content(tmp_path, monkeypatch):
+    pair = make_corpus(tmp_path / "c")
+    assert C.check_pair(pair, tmp_path / "cache") == 300
+    monkeypatch.setattr(C, "count_lines", lambda path: pytest.fail("the stamp should have been used"))
+    assert C.check_pair(pair, tmp_path / "cache") == 300
+    write(pair.src, ["changed"] * 300)                    # new content, new hash: checked again
+    with pytest.raises(pytest.fail.Exception):
+        C.check_pair(pair, tmp_path / "cache")
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+def test_sampled_tokenizer_is_deterministic_and_cached(tmp_path, monkeypatch):
+    pair = make_corpus(tmp_path / "c", n=600)
+    a = C.train_tokenizer(pair, tmp_path / "cache", vocab_size=60, sample=150)
+    b = C.train_tokenizer(pair, tmp_path / "cache2", vocab_size=60, sample=150)
+    assert a.state() == b.state()                          # the same sample on every run
+    full = C.train_tokenizer(pair, None, vocab_size=60, sample=0)
+    assert full.state() != a.state()
+    monkeypatch.setattr(Tokenizer, "train", lambda *a, **k: pytest.fail("the cached tokenizer should be used"))
+    assert C.train_tokenizer(pair, tmp_path / "cache", vocab_size=60, sample=150).state() == a.state()
+    with pytest.raises(pytest.fail.Exception):            # other options: another tokenizer
+        C.train_tokenizer(pair, tmp_path / "cache", vocab_size=61, sample=150)
+
+
+def test_sample_below_sentencepiece_minimum_is_an_error():
+    with pytest.raises(ValueError, match="above 100"):
+        Tokenizer.train(["a"], ["b"], vocab_size=10, sample=50)
+
+
+# ------------------------------------------------------------------------------------------ encoded cache
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    pair = make_corpus(root / "train", n=400, gz_tgt=True)
+    tok = C.train_tokenizer(pair, root / "cache", vocab_size=80)
+    return root, pair, tok
+
+
+@pytest.mark.parametrize("workers,block", [(1, C.CHUNK_BYTES), (2, 512)])
+def test_cache_holds_what_encoding_in_memory_gives(small, tmp_path, workers, block):
+    _, pair, tok = small
+    ds = C.encode_pair(pair, tok, tmp_path, workers=workers, block_bytes=block)
+    src, tgt = list(C.iter_lines(pair.src)), list(C.iter_lines(pair.tgt))
+    mem = D.PairDataset(tok.encode_src(src), tok.encode_tgt(tgt))
+    assert len(ds) == len(mem) == 400
+    np.testing.assert_array_equal(ds.src_sizes, mem.src_sizes)
+    np.testing.assert_array_equal(ds.tgt_sizes, mem.tgt_sizes)
+    idx = np.array([5, 0, 399, 17])
+    a, b = ds.collate(idx), mem.collate(idx.tolist())
+    for name in ("src_tokens", "src_lengths", "prev_output_tokens", "target", "indices"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.ntokens == b.ntokens
+    # Compact and memory-mapped: uint16 ids for a small vocabulary, nothing held as Python lists.
+    assert isinstance(ds._src.ids, np.memmap) and ds._src.ids.dtype == np.uint16
+    assert (ds.folder / "src.ids").stat().st_size == 2 * int(ds._src.offsets[-1])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]     # no temporary folder left
+
+
+def test_cache_is_reused_and_keyed_by_tokenizer_and_content(small, tmp_path, monkeypatch):
+    root, pair, tok = small
+    first = C.encode_pair(pair, tok, tmp_path, workers=1)
+    real = C._encode_file
+    monkeypatch.setattr(C, "_encode_file", lambda *a, **k: pytest.fail("the cache should have been used"))
+    again = C.encode_pair(pair, tok, tmp_path, workers=1)
+    assert again.folder == first.folder
+    other = C.train_tokenizer(pair, None, vocab_size=70)
+    with pytest.raises(pytest.fail.Exception):
+        C.encode_pair(pair, other, tmp_path, workers=1)
+    monkeypatch.setattr(C, "_encode_file", real)
+    assert C.encode_pair(pair, other, tmp_path, workers=1).folder != first.folder
+
+
+def test_ids_dtype_follows_vocabulary_size():
+    assert C.ids_dtype(8000) == np.uint16 and C.ids_dtype(65536) == np.uint16
+    assert C.ids_dtype(65537) == np.int32
+
+
+def test_a_killed_encoding_leaves_no_cache(small, tmp_path, monkeypatch):
+    _, pair, tok = small
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(C, "_encode_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        C.encode_pair(pair, tok, tmp_path, workers=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ filtering, batching
+
+def test_length_filter_counts_each_reason_once():
+    src = np.array([0, 5, 30, 9, 10, 3, 12])
+    tgt = np.array([4, 0, 8, 40, 12, 9, 12])
+    keep, counts = D.length_filter(src, tgt, max_src=21, max_tgt=31, max_len_ratio=1.5)
+    assert keep.tolist() == [False, False, False, False, True, False, True]
+    assert counts == {"empty source or target": 2, "source longer than 20 tokens": 1,
+                      "target longer than 30 tokens": 1, "length ratio above 1.5": 1}
+    keep, counts = D.length_filter(src, tgt, 1000, 1000)
+    assert keep.sum() == 5 and set(counts) == {"empty source or target", "source longer than 999 tokens",
+                                               "target longer than 999 tokens"}
+    assert D.describe_filter(counts, 7) == "dropped 2 of 7 pairs (2 empty source or target)"
+
+
+def test_dataset_filter_and_head_agree_with_pair_dataset(small, tmp_path):
+    _, pair, tok = small
+    ds = C.encode_pair(pair, tok, tmp_path, workers=1)
+    mem = D.PairDataset(tok.encode_src(list(C.iter_lines(pair.src))), tok.encode_tgt(list(C.iter_lines(pair.tgt))))
+    ds.head(300)
+    mem.keep = mem.keep[:300]
+    assert ds.filter(40, 50, 1.2) == mem.filter(40, 50, 1.2)
+    assert ds.keep.tolist() == mem.keep and 0 < len(ds) < 300
+    np.testing.assert_array_equal(ds.src_sizes, mem.src_sizes)
+
+
+def test_sampler_runs_from_the_cache_and_resumes_exactly(small, tmp_path):
+    _, pair, tok = small
+    ds = C.encode_pair(pair, tok, tmp_path, workers=1)
+    sampler = D.TokenBatchSampler(ds.src_sizes, ds.tgt_sizes, 200, seed=3)
+    sampler.set_epoch(2)
+    batches = [b.tolist() for b in sampler]
+    assert sorted(i for b in batches for i in b) == list(range(len(ds)))
+    for b in batches:
+        batch = ds.collate(b)
+        assert batch.src_tokens.numel() <= 200 and batch.target.numel() <= 200
+    reopened = C.CorpusDataset.open(ds.folder)
+    resumed = D.TokenBatchSampler(reopened.src_sizes, reopened.tgt_sizes, 200, seed=3)
+    resumed.set_epoch(2, skip=3)
+    assert [b.tolist() for b in resumed] == batches[3:]
+
+
+def test_prepare_checks_every_input_before_training_a_tokenizer(tmp_path, monkeypatch):
+    make_corpus(tmp_path / "train", n=200)
+    write(tmp_path / "valid.xx", ["a b"] * 4)
+    write(tmp_path / "valid.yy", ["A B"] * 3)
+    monkeypatch.setattr(Tokenizer, "train", lambda *a, **k: pytest.fail("trained before the checks"))
+    with pytest.raises(C.CorpusError, match=r"validation set's sides differ in length: .*valid\.xx has 4 lines"):
+        C.prepare(tmp_path / "train", tmp_path / "valid", "xx", "yy", cache_dir=tmp_path / "cache")
+    with pytest.raises(C.CorpusError, match=r"validation set \(--valid\) has no xx side"):
+        C.prepare(tmp_path / "train", tmp_path / "nope", "xx", "yy", cache_dir=tmp_path / "cache")
+
+
+def test_prepare_end_to_end(tmp_path):
+    make_corpus(tmp_path / "train", n=300)
+    make_corpus(tmp_path / "valid", n=20, seed=1)
+    logs = []
+    c = C.prepare(tmp_path / "train", tmp_path / "valid", "xx", "yy", vocab_size=70, cache_dir=tmp_path / "cache",
+                  workers=1, valid_lines=5, log=logs.append)
+    assert len(c.train) == 300 and len(c.valid) == 20 and len(c.valid_src) == len(c.valid_tgt) == 5
+    assert c.valid_tgt[0] == " ".join(w.upper() for w in reversed(c.valid_src[0].split()))
+    assert any(s.startswith("encoded 300 pairs") for s in logs)
+    logs.clear()
+    again = C.prepare(tmp_path / "train", tmp_path / "valid", "xx", "yy", vocab_size=70,
+                      cache_dir=tmp_path / "cache", workers=1, log=logs.append)
+    assert again.tokenizer.state() == c.tokenizer.state() and not any(s.startswith("encoded") for s in logs)

@@ -27,6 +27,7 @@ Logs: tqdm progress bars (loss, perplexity, target tokens/s) and `<save-dir>/tra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -85,6 +86,7 @@ class TrainArgs:
     val_subset: int = 0               # use only the first N validation pairs (0 = all)
     val_bleu_sentences: int = -1      # greedy-decode this many validation sentences for BLEU (-1 = all, 0 = none)
     log_interval: int = 50            # updates between JSONL train records
+    update_freq: int = 1              # batches per update (gradient accumulation, fairseq's --update-freq)
     save_interval_updates: int = 0   # also save last.pt every N updates (0 = at epoch ends and at the stop)
     deterministic: bool = False       # torch.use_deterministic_algorithms (exact resume on CUDA too)
     metrics_json: str | None = None   # write the final metrics here (rank 0)
@@ -236,6 +238,8 @@ def _train(args: TrainArgs) -> TrainResult:
         preset = "multi30k" if device.type == "cuda" else "small"
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose auto or one of {', '.join(PRESETS)}")
+    if args.update_freq < 1:
+        raise ValueError(f"update_freq must be >= 1 (batches per update), got {args.update_freq}")
     lr0 = args.lr if args.lr is not None else {"nag": 0.25, "adam": 5e-4}[args.optimizer]
     min_lr = args.min_lr if args.min_lr is not None else lr0 * 1e-4
 
@@ -376,25 +380,34 @@ def _train(args: TrainArgs) -> TrainResult:
                    leave=False)
         interval = torch.zeros(3, dtype=torch.float64, device=device)   # this rank's loss sum, nll sum, tokens
         t_interval = t_loop = time.time()
-        for indices in sampler:
-            b = train_ds.collate(indices).to(device)
-            ntok = all_reduce_sum(torch.tensor([float(b.ntokens)], device=device), d)
-            with autocast_for(device):
-                logits = ddp(b.src_tokens, b.src_lengths, b.prev_output_tokens)
-            loss, nll = label_smoothed_nll_loss(logits, b.target, args.label_smoothing)
-            # DDP averages gradients over ranks: scale so the result is the loss sum over all ranks / all tokens.
-            (loss * (d.world_size / ntok)).backward()
+        for chunk in _chunks(sampler, args.update_freq):
+            batches = [train_ds.collate(indices).to(device) for indices in chunk]
+            ntokens = sum(b.ntokens for b in batches)
+            ntok = all_reduce_sum(torch.tensor([float(ntokens)], device=device), d)
+            update_loss = torch.zeros((), device=device)
+            for i, b in enumerate(batches):
+                # Gradients of the update's batches accumulate locally; DDP all-reduces after the last one.
+                last = i == len(batches) - 1
+                with contextlib.nullcontext() if last or not d.enabled else ddp.no_sync():
+                    with autocast_for(device):
+                        logits = ddp(b.src_tokens, b.src_lengths, b.prev_output_tokens)
+                    loss, nll = label_smoothed_nll_loss(logits, b.target, args.label_smoothing)
+                    # DDP averages gradients over ranks: scale so the result is the loss sum over all ranks and
+                    # batches of the update / all their target tokens.
+                    (loss * (d.world_size / ntok)).backward()
+                # Summed on the device and read at log steps only: no host sync per update.
+                interval += torch.stack([loss.detach(), nll.detach(),
+                                         torch.tensor(float(b.ntokens), device=device)])
+                update_loss += loss.detach()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            # Summed on the device and read at log steps only: no host sync per update.
-            interval += torch.stack([loss.detach(), nll.detach(), torch.tensor(float(b.ntokens), device=device)])
-            tokens_done += b.ntokens
+            tokens_done += ntokens
             state["updates"] += 1
-            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()),
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(update_loss),
                                     torch.tensor(state["updates"], device=device), first_bad)
-            state["batch_in_epoch"] += 1
-            bar.update(1)
+            state["batch_in_epoch"] += len(batches)
+            bar.update(len(batches))
             if state["updates"] % args.log_interval == 0 or state["updates"] == 1:
                 check_finite()
                 now = time.time()
@@ -463,6 +476,18 @@ def _train(args: TrainArgs) -> TrainResult:
     if d.enabled:
         dist.barrier()
     return TrainResult(metrics, model, tok)
+
+
+def _chunks(batches, n: int):
+    """Consecutive groups of n batches (the last group of an epoch may be shorter): one update each."""
+    group = []
+    for b in batches:
+        group.append(b)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _epoch_complete(sampler: data_mod.TokenBatchSampler, state: dict) -> bool:

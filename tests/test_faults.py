@@ -141,6 +141,43 @@ _TWO_RANK_RUN = """
 """
 
 
+_EQUIVALENT_RUN = """
+    import os, sys
+    import torch
+    from convs2s.train import TrainArgs, train
+    out, data, update_freq = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    r = train(TrainArgs(preset="tiny", data=data, save_dir=out, train_subset=64, val_subset=8, vocab_size=200,
+                        max_tokens=200, max_updates=4, log_interval=1, val_bleu_sentences=0, progress=False,
+                        dropout=0.0, update_freq=update_freq, num_threads=1))
+    if os.environ.get("RANK", "0") == "0":
+        torch.save(r.model.state_dict(), out + "/final.pt")
+"""
+
+
+def test_two_ranks_equal_one_process_over_the_same_global_batches(tmp_path):
+    """Rank r takes batches r, r + 2, ... of the epoch; one process with two batches per update (update_freq 2)
+    takes the same pairs per update. Without dropout the two runs are the same computation up to summation
+    order."""
+    data = multi30k_dir()
+    proc, _ = _torchrun(tmp_path, _EQUIVALENT_RUN, tmp_path / "two", data, 1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    script = tmp_path / "one.py"
+    script.write_text(textwrap.dedent(_EQUIVALENT_RUN))
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), str(data), "2"], capture_output=True,
+                          text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = _records(tmp_path / "two", "train")
+    one = _records(tmp_path / "one", "train")
+    assert [r["update"] for r in two] == [r["update"] for r in one] == [1, 2, 3, 4]
+    for a, b in zip(two, one):
+        print(a["update"], a["loss"], b["loss"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    p2 = torch.load(tmp_path / "two" / "final.pt", weights_only=True)
+    p1 = torch.load(tmp_path / "one" / "final.pt", weights_only=True)
+    for k in p1:
+        torch.testing.assert_close(p2[k], p1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_two_rank_run_resumed_continues_exactly(tmp_path):
     data = multi30k_dir()
     proc, _ = _torchrun(tmp_path, _TWO_RANK_RUN, tmp_path / "full", data, 6)

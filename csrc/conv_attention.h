@@ -13,24 +13,27 @@ struct AttnSizes {
   int64_t B, Tt, Ts, E;
 };
 
-// acc_t: float for float/half/bfloat16 storage, double for double (the softmax statistics' precision).
+// acc_t: float for float/half/bfloat16 storage, double for double (the softmax statistics' precision). The scores
+// are acc_t in both directions: the CUDA flash forward forms them as fp32 dot products, and a backward that
+// recomputed them rounded to 16 bits would form p = exp(rounded score - lse), whose rows do not sum to 1.
+// p_scaled may alias scores when scalar_t is acc_t (each element is read before it is written).
 //
 // Forward, per row (b, t):  p = softmax(scores) over the real (mask false) source positions, 0 on padding;
-//   scores <- sigma[b] * p  (in place: the ctx GEMM's left operand, sigma = sqrt(number of real source tokens))
+//   p_scaled <- sigma[b] * p  (the ctx GEMM's left operand, sigma = sqrt(number of real source tokens))
 //   lse[b*Tt + t] = log(sum over real positions of exp(score))           (-inf if the row has no real position)
 //   attn <- p  (unscaled) when attn is not null.
 //   mask (B, Ts) bool, true = padding, or null (no padding).
 template <typename scalar_t, typename acc_t>
-void attn_softmax_fwd_cpu(scalar_t* scores, acc_t* lse, scalar_t* attn, const bool* mask, const acc_t* sigma,
-                          const AttnSizes& s);
+void attn_softmax_fwd_cpu(const acc_t* scores, scalar_t* p_scaled, acc_t* lse, scalar_t* attn, const bool* mask,
+                          const acc_t* sigma, const AttnSizes& s);
 
 // Backward, per row: with p = exp(scores - lse) on real positions (0 on padding), recomputed from the scores, and
 //   dp = sigma[b] * dpt + grad_attn     (dpt = dctx @ V^T: the gradient wrt sigma * p; grad_attn may be null),
-//   scores <- sigma[b] * p              (the dV GEMM's left operand)
-//   dpt    <- p * (dp - sum_j p_j dp_j)  (the gradient wrt the scores; exactly 0 on padding)
+//   p_scaled <- sigma[b] * p            (the dV GEMM's left operand)
+//   dpt      <- p * (dp - sum_j p_j dp_j)  (the gradient wrt the scores; exactly 0 on padding)
 template <typename scalar_t, typename acc_t>
-void attn_softmax_bwd_cpu(scalar_t* scores, scalar_t* dpt, const scalar_t* grad_attn, const acc_t* lse,
-                          const bool* mask, const acc_t* sigma, const AttnSizes& s);
+void attn_softmax_bwd_cpu(const acc_t* scores, scalar_t* p_scaled, scalar_t* dpt, const scalar_t* grad_attn,
+                          const acc_t* lse, const bool* mask, const acc_t* sigma, const AttnSizes& s);
 
 // y <- (y + bias + residual) * scale, elementwise over y (rows, n) contiguous, bias (n,), residual (rows, n)
 // contiguous: the projections' epilogue (q from x @ w_in^T and the target embedding, out from ctx @ w_out^T and x).
@@ -38,19 +41,20 @@ template <typename scalar_t>
 void attn_bias_residual_scale_cpu(scalar_t* y, const scalar_t* bias, const scalar_t* residual, double scale,
                                   int64_t rows, int64_t n);
 
-// The same on a CUDA stream (void*: this header needs no CUDA headers). dtype: 0 float, 1 double, 2 half,
-// 3 bfloat16; lse and sigma are double for dtype 1, else float.
-void attn_softmax_fwd_cuda(int dtype, void* scores, void* lse, void* attn, const bool* mask, const void* sigma,
-                           const AttnSizes& s, void* stream);
-void attn_softmax_bwd_cuda(int dtype, void* scores, void* dpt, const void* grad_attn, const void* lse,
-                           const bool* mask, const void* sigma, const AttnSizes& s, void* stream);
+// The same on a CUDA stream (void*: this header needs no CUDA headers). dtype: a DTypeCode (common.h); scores,
+// lse and sigma are double for double, else float.
+void attn_softmax_fwd_cuda(int dtype, const void* scores, void* p_scaled, void* lse, void* attn, const bool* mask,
+                           const void* sigma, const AttnSizes& s, void* stream);
+void attn_softmax_bwd_cuda(int dtype, const void* scores, void* p_scaled, void* dpt, const void* grad_attn,
+                           const void* lse, const bool* mask, const void* sigma, const AttnSizes& s, void* stream);
 void attn_bias_residual_scale_cuda(int dtype, void* y, const void* bias, const void* residual, double scale,
                                    int64_t rows, int64_t n, void* stream);
 
 // Flash-style forward on CUDA, without the (B, Tt, Ts) scores: for each row,
 //   ctx[b, t] = sigma[b] * softmax(q[b, t] @ K[b]^T over real positions) @ V[b],   lse as above,
 // one pass over source tiles with an online softmax. q (B, Tt, E), K and V (B, Ts, E) contiguous; ctx (B, Tt, E).
-// Returns false (launching nothing) for shapes it does not cover: E > kFlashMaxE or B > 65535.
+// Returns false (launching nothing) for shapes it does not cover: E = 0, E > kFlashMaxE or B > 65535 (the grid's
+// y limit); returns true, launching nothing, when there is no row (B = 0 or Tt = 0).
 constexpr int64_t kFlashMaxE = 1024;
 bool attn_flash_fwd_cuda(int dtype, const void* q, const void* keys, const void* values, const bool* mask,
                          const void* sigma, void* ctx, void* lse, const AttnSizes& s, void* stream);

@@ -20,8 +20,8 @@ int64_t grain_rows(int64_t Ts) { return std::max<int64_t>(1, 16384 / std::max<in
 }  // namespace
 
 template <typename scalar_t, typename acc_t>
-void attn_softmax_fwd_cpu(scalar_t* scores, acc_t* lse, scalar_t* attn, const bool* mask, const acc_t* sigma,
-                          const AttnSizes& s) {
+void attn_softmax_fwd_cpu(const acc_t* scores, scalar_t* p_scaled, acc_t* lse, scalar_t* attn, const bool* mask,
+                          const acc_t* sigma, const AttnSizes& s) {
   const int64_t Ts = s.Ts;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, s.B * s.Tt, grain_rows(Ts), [&](int64_t begin, int64_t end) {
@@ -29,10 +29,11 @@ void attn_softmax_fwd_cpu(scalar_t* scores, acc_t* lse, scalar_t* attn, const bo
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / s.Tt;
       const bool* pad = mask ? mask + b * Ts : nullptr;
-      scalar_t* row = scores + r * Ts;
+      const acc_t* row = scores + r * Ts;
+      scalar_t* out = p_scaled + r * Ts;
       acc_t m = neg_inf;
       for (int64_t j = 0; j < Ts; ++j) {
-        const acc_t v = (pad && pad[j]) ? neg_inf : static_cast<acc_t>(row[j]);
+        const acc_t v = (pad && pad[j]) ? neg_inf : row[j];
         e[j] = v;
         m = std::max(m, v);
       }
@@ -48,7 +49,7 @@ void attn_softmax_fwd_cpu(scalar_t* scores, acc_t* lse, scalar_t* attn, const bo
       scalar_t* out_attn = attn ? attn + r * Ts : nullptr;
       for (int64_t j = 0; j < Ts; ++j) {
         const acc_t p = (pad && pad[j]) ? acc_t(0) : e[j] * inv;
-        row[j] = static_cast<scalar_t>(sg * p);
+        out[j] = static_cast<scalar_t>(sg * p);
         if (out_attn) out_attn[j] = static_cast<scalar_t>(p);
       }
     }
@@ -56,27 +57,28 @@ void attn_softmax_fwd_cpu(scalar_t* scores, acc_t* lse, scalar_t* attn, const bo
 }
 
 template <typename scalar_t, typename acc_t>
-void attn_softmax_bwd_cpu(scalar_t* scores, scalar_t* dpt, const scalar_t* grad_attn, const acc_t* lse,
-                          const bool* mask, const acc_t* sigma, const AttnSizes& s) {
+void attn_softmax_bwd_cpu(const acc_t* scores, scalar_t* p_scaled, scalar_t* dpt, const scalar_t* grad_attn,
+                          const acc_t* lse, const bool* mask, const acc_t* sigma, const AttnSizes& s) {
   const int64_t Ts = s.Ts;
   at::parallel_for(0, s.B * s.Tt, grain_rows(Ts), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> p(Ts), dp(Ts);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / s.Tt;
       const bool* pad = mask ? mask + b * Ts : nullptr;
-      scalar_t* row = scores + r * Ts;
+      const acc_t* row = scores + r * Ts;
+      scalar_t* out = p_scaled + r * Ts;
       scalar_t* drow = dpt + r * Ts;
       const scalar_t* ga = grad_attn ? grad_attn + r * Ts : nullptr;
       const acc_t l = lse[r], sg = sigma[b];
       for (int64_t j = 0; j < Ts; ++j) {
         const bool real = !(pad && pad[j]);
-        p[j] = real ? exp_fast(static_cast<acc_t>(row[j]) - l) : acc_t(0);
+        p[j] = real ? exp_fast(row[j] - l) : acc_t(0);
         dp[j] = sg * static_cast<acc_t>(drow[j]) + (ga ? static_cast<acc_t>(ga[j]) : acc_t(0));
       }
       acc_t dot = 0;
       for (int64_t j = 0; j < Ts; ++j) dot += p[j] * dp[j];
       for (int64_t j = 0; j < Ts; ++j) {
-        row[j] = static_cast<scalar_t>(sg * p[j]);
+        out[j] = static_cast<scalar_t>(sg * p[j]);
         drow[j] = static_cast<scalar_t>(p[j] * (dp[j] - dot));
       }
     }
@@ -100,8 +102,9 @@ void attn_bias_residual_scale_cpu(scalar_t* y, const scalar_t* bias, const scala
 }
 
 #define CONVS2S_INSTANTIATE(T, A)                                                                             \
-  template void attn_softmax_fwd_cpu<T, A>(T*, A*, T*, const bool*, const A*, const AttnSizes&);               \
-  template void attn_softmax_bwd_cpu<T, A>(T*, T*, const T*, const A*, const bool*, const A*, const AttnSizes&); \
+  template void attn_softmax_fwd_cpu<T, A>(const A*, T*, A*, T*, const bool*, const A*, const AttnSizes&);       \
+  template void attn_softmax_bwd_cpu<T, A>(const A*, T*, T*, const T*, const A*, const bool*, const A*,          \
+                                           const AttnSizes&);                                                   \
   template void attn_bias_residual_scale_cpu<T>(T*, const T*, const T*, double, int64_t, int64_t);
 CONVS2S_INSTANTIATE(float, float)
 CONVS2S_INSTANTIATE(double, double)

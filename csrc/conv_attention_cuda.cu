@@ -45,58 +45,61 @@ template <typename A> __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
+// scores and p_scaled may alias (when T is A): no __restrict__ on them.
 template <typename T, typename A>
-__global__ void softmax_fwd_kernel(T* __restrict__ scores, A* __restrict__ lse, T* __restrict__ attn,
+__global__ void softmax_fwd_kernel(const A* scores, T* p_scaled, A* __restrict__ lse, T* __restrict__ attn,
                                    const bool* __restrict__ mask, const A* __restrict__ sigma, AttnSizes s) {
   const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (r >= s.B * s.Tt) return;  // a whole warp leaves together: the shuffles below see full warps only
   const int64_t b = r / s.Tt, Ts = s.Ts;
   const bool* pad = mask ? mask + b * Ts : nullptr;
-  T* row = scores + r * Ts;
+  const A* row = scores + r * Ts;
+  T* out = p_scaled + r * Ts;
   const A neg_inf = -INFINITY;
   A m = neg_inf;
   for (int64_t j = lane; j < Ts; j += 32)
-    if (!(pad && pad[j])) m = fmax(m, A(load(row + j)));
+    if (!(pad && pad[j])) m = fmax(m, row[j]);
   m = warp_max(m);
   A sum = 0;
   if (m != neg_inf)
     for (int64_t j = lane; j < Ts; j += 32)
-      if (!(pad && pad[j])) sum += exp_acc(A(load(row + j)) - m);
+      if (!(pad && pad[j])) sum += exp_acc(row[j] - m);
   sum = warp_sum(sum);
   const A inv = sum > 0 ? A(1) / sum : A(0);
   if (lane == 0) lse[r] = sum > 0 ? m + log_acc(sum) : neg_inf;
   const A sg = sigma[b];
   for (int64_t j = lane; j < Ts; j += 32) {
-    const A p = (pad && pad[j]) ? A(0) : exp_acc(A(load(row + j)) - m) * inv;
-    store(row + j, sg * p);
+    const A p = (pad && pad[j]) ? A(0) : exp_acc(row[j] - m) * inv;
+    store(out + j, sg * p);
     if (attn) store(attn + r * Ts + j, p);
   }
 }
 
 template <typename T, typename A>
-__global__ void softmax_bwd_kernel(T* __restrict__ scores, T* __restrict__ dpt, const T* __restrict__ grad_attn,
-                                   const A* __restrict__ lse, const bool* __restrict__ mask,
-                                   const A* __restrict__ sigma, AttnSizes s) {
+__global__ void softmax_bwd_kernel(const A* scores, T* p_scaled, T* __restrict__ dpt,
+                                   const T* __restrict__ grad_attn, const A* __restrict__ lse,
+                                   const bool* __restrict__ mask, const A* __restrict__ sigma, AttnSizes s) {
   const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (r >= s.B * s.Tt) return;
   const int64_t b = r / s.Tt, Ts = s.Ts;
   const bool* pad = mask ? mask + b * Ts : nullptr;
-  T* row = scores + r * Ts;
+  const A* row = scores + r * Ts;
+  T* out = p_scaled + r * Ts;
   T* drow = dpt + r * Ts;
   const T* ga = grad_attn ? grad_attn + r * Ts : nullptr;
   const A l = lse[r], sg = sigma[b];
   A dot = 0;
   for (int64_t j = lane; j < Ts; j += 32) {
-    const A p = (pad && pad[j]) ? A(0) : exp_acc(A(load(row + j)) - l);
+    const A p = (pad && pad[j]) ? A(0) : exp_acc(row[j] - l);
     dot += p * (sg * A(load(drow + j)) + (ga ? A(load(ga + j)) : A(0)));
   }
   dot = warp_sum(dot);
   for (int64_t j = lane; j < Ts; j += 32) {
-    const A p = (pad && pad[j]) ? A(0) : exp_acc(A(load(row + j)) - l);
+    const A p = (pad && pad[j]) ? A(0) : exp_acc(row[j] - l);
     const A dp = sg * A(load(drow + j)) + (ga ? A(load(ga + j)) : A(0));
-    store(row + j, sg * p);
+    store(out + j, sg * p);
     store(drow + j, p * (dp - dot));
   }
 }
@@ -170,8 +173,8 @@ __global__ void flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ 
 template <typename T, typename A>
 bool launch_flash(const void* q, const void* keys, const void* values, const bool* mask, const void* sigma,
                   void* ctx, void* lse, const AttnSizes& s, cudaStream_t st) {
-  if (s.E > kFlashMaxE || s.B > 65535) return false;
-  if (s.B == 0) return true;  // nothing to compute (a grid of 0 blocks would be a launch error)
+  if (s.E < 1 || s.E > kFlashMaxE || s.B > 65535) return false;  // E >= 1: the tile size divides by the row bytes
+  if (s.B == 0 || s.Tt == 0) return true;  // nothing to compute (a grid of 0 blocks would be a launch error)
   const int64_t row_bytes = 2 * s.E * int64_t(sizeof(T));  // one source row of K and of V
   const int tile = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(64, kFlashSmemBytes / row_bytes)));
   const dim3 grid(static_cast<unsigned>((s.Tt + kFlashWarps - 1) / kFlashWarps), static_cast<unsigned>(s.B));
@@ -211,41 +214,42 @@ unsigned blocks_for(int64_t rows) {
 }
 
 template <typename T, typename A>
-void launch_fwd(void* scores, void* lse, void* attn, const bool* mask, const void* sigma, const AttnSizes& s,
-                cudaStream_t st) {
+void launch_fwd(const void* scores, void* p_scaled, void* lse, void* attn, const bool* mask, const void* sigma,
+                const AttnSizes& s, cudaStream_t st) {
   softmax_fwd_kernel<T, A><<<blocks_for(s.B * s.Tt), 32 * kWarps, 0, st>>>(
-      static_cast<T*>(scores), static_cast<A*>(lse), static_cast<T*>(attn), mask, static_cast<const A*>(sigma), s);
+      static_cast<const A*>(scores), static_cast<T*>(p_scaled), static_cast<A*>(lse), static_cast<T*>(attn), mask,
+      static_cast<const A*>(sigma), s);
 }
 
 template <typename T, typename A>
-void launch_bwd(void* scores, void* dpt, const void* grad_attn, const void* lse, const bool* mask, const void* sigma,
-                const AttnSizes& s, cudaStream_t st) {
+void launch_bwd(const void* scores, void* p_scaled, void* dpt, const void* grad_attn, const void* lse,
+                const bool* mask, const void* sigma, const AttnSizes& s, cudaStream_t st) {
   softmax_bwd_kernel<T, A><<<blocks_for(s.B * s.Tt), 32 * kWarps, 0, st>>>(
-      static_cast<T*>(scores), static_cast<T*>(dpt), static_cast<const T*>(grad_attn), static_cast<const A*>(lse),
-      mask, static_cast<const A*>(sigma), s);
+      static_cast<const A*>(scores), static_cast<T*>(p_scaled), static_cast<T*>(dpt),
+      static_cast<const T*>(grad_attn), static_cast<const A*>(lse), mask, static_cast<const A*>(sigma), s);
 }
 
 }  // namespace
 
-void attn_softmax_fwd_cuda(int dtype, void* scores, void* lse, void* attn, const bool* mask, const void* sigma,
-                           const AttnSizes& s, void* stream) {
+void attn_softmax_fwd_cuda(int dtype, const void* scores, void* p_scaled, void* lse, void* attn, const bool* mask,
+                           const void* sigma, const AttnSizes& s, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case 0: launch_fwd<float, float>(scores, lse, attn, mask, sigma, s, st); break;
-    case 1: launch_fwd<double, double>(scores, lse, attn, mask, sigma, s, st); break;
-    case 2: launch_fwd<__half, float>(scores, lse, attn, mask, sigma, s, st); break;
-    case 3: launch_fwd<__nv_bfloat16, float>(scores, lse, attn, mask, sigma, s, st); break;
+    case 0: launch_fwd<float, float>(scores, p_scaled, lse, attn, mask, sigma, s, st); break;
+    case 1: launch_fwd<double, double>(scores, p_scaled, lse, attn, mask, sigma, s, st); break;
+    case 2: launch_fwd<__half, float>(scores, p_scaled, lse, attn, mask, sigma, s, st); break;
+    case 3: launch_fwd<__nv_bfloat16, float>(scores, p_scaled, lse, attn, mask, sigma, s, st); break;
   }
 }
 
-void attn_softmax_bwd_cuda(int dtype, void* scores, void* dpt, const void* grad_attn, const void* lse,
-                           const bool* mask, const void* sigma, const AttnSizes& s, void* stream) {
+void attn_softmax_bwd_cuda(int dtype, const void* scores, void* p_scaled, void* dpt, const void* grad_attn,
+                           const void* lse, const bool* mask, const void* sigma, const AttnSizes& s, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case 0: launch_bwd<float, float>(scores, dpt, grad_attn, lse, mask, sigma, s, st); break;
-    case 1: launch_bwd<double, double>(scores, dpt, grad_attn, lse, mask, sigma, s, st); break;
-    case 2: launch_bwd<__half, float>(scores, dpt, grad_attn, lse, mask, sigma, s, st); break;
-    case 3: launch_bwd<__nv_bfloat16, float>(scores, dpt, grad_attn, lse, mask, sigma, s, st); break;
+    case 0: launch_bwd<float, float>(scores, p_scaled, dpt, grad_attn, lse, mask, sigma, s, st); break;
+    case 1: launch_bwd<double, double>(scores, p_scaled, dpt, grad_attn, lse, mask, sigma, s, st); break;
+    case 2: launch_bwd<__half, float>(scores, p_scaled, dpt, grad_attn, lse, mask, sigma, s, st); break;
+    case 3: launch_bwd<__nv_bfloat16, float>(scores, p_scaled, dpt, grad_attn, lse, mask, sigma, s, st); break;
   }
 }
 

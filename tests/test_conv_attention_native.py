@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from convs2s.ops import available_backends, conv_attention, conv_attention_ref
-from tests.attention_cases import check_against_reference, make_inputs, mask_from, op_args, run
+from tests.attention_cases import INPUTS, check_against_reference, make_inputs, mask_from, op_args, run
 from tests.tolerance import assert_close_rule
 
 _WHY = available_backends("cpu")["native"]
@@ -217,3 +217,166 @@ def test_bad_saved_tensor_in_backward():
 def test_mixed_devices_reach_cpp_checks():
     with pytest.raises(RuntimeError, match=r"encoder_keys is on cuda:0 but x is on cpu"):
         _fwd(encoder_keys=torch.randn(2, 7, 6, device="cuda"))
+
+
+# ---- the CUDA path's numerics, emulated on the CPU ---------------------------------------------------------------
+# The CUDA kernels cannot run here. These functions mirror, step by step and rounding by rounding, what
+# csrc/conv_attention.cpp and csrc/conv_attention_cuda.cu compute on CUDA in fp16/bf16 without need_weights (the
+# flash forward). A cuBLAS GEMM is emulated as an fp32 product rounded once to the storage dtype (cuBLAS
+# accumulates 16-bit GEMMs in fp32; alpha and beta are applied in fp32 before the rounding), an ATen reduction as
+# an fp32 sum rounded once. The summation order inside a product or a sum differs from the GPU's, which moves a
+# result by at most one rounding of the storage dtype; every rounding to the storage dtype is where the code has
+# one.
+
+_F32 = torch.float32
+_SQRT_HALF = 0.70710678118654752440
+
+
+def _gemm(a, b, dtype, alpha=1.0, c=None, beta=0.0):
+    """cuBLAS (at::mm / bmm / addmm / baddbmm) in a 16-bit dtype: alpha * a @ b + beta * c in fp32, rounded once."""
+    acc = a.to(_F32) @ b.to(_F32)
+    if alpha != 1.0:
+        acc = acc * alpha
+    if c is not None:
+        acc = c.to(_F32) * beta + acc
+    return acc.to(dtype)
+
+
+def _bias_residual_scale(y, bias, residual, dtype):
+    """bias_residual_scale_kernel: (float(y) + float(bias) + float(residual)) * sqrt(.5) in fp32, then stored."""
+    return ((y.to(_F32) + bias.to(_F32) + residual.to(_F32)) * _SQRT_HALF).to(dtype)
+
+
+def _sigma(mask, B, Ts):
+    """source_scale: sqrt(real source tokens) per sentence, fp32."""
+    if mask is None:
+        return torch.full((B,), Ts ** 0.5, dtype=_F32)
+    return (~mask).sum(1).to(_F32).sqrt()
+
+
+def emulate_cuda_forward(t, mask, dtype):
+    """conv_attention_fwd on CUDA, need_weights=False, 16-bit inputs `t` (named as INPUTS): the q GEMM and its
+    epilogue, then flash_fwd_kernel (fp32 scores from the 16-bit q and K, online softmax in fp32: the same values
+    as the exact fp32 softmax below up to fp32 rounding; ctx = acc * sigma / l stored to 16 bits, lse = m + log l
+    in fp32), then the out GEMM and its epilogue. Returns out (B, Tt, C) and the saved q, ctx (B, Tt, E),
+    lse (B, Tt) fp32."""
+    x, te, k, v, w_in, b_in, w_out, b_out = (t[n] for n in INPUTS)
+    B, Tt, C = x.shape
+    Ts, E = k.shape[1], k.shape[2]
+    q = _bias_residual_scale(_gemm(x.reshape(B * Tt, C), w_in.t(), dtype), b_in, te.reshape(B * Tt, E), dtype)
+    q = q.view(B, Tt, E)
+    s = q.to(_F32) @ k.to(_F32).transpose(1, 2)
+    if mask is not None:
+        s = s.masked_fill(mask[:, None, :], float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    e = torch.exp(s - m)
+    l = e.sum(-1, keepdim=True)
+    ctx = ((e @ v.to(_F32)) * (_sigma(mask, B, Ts)[:, None, None] / l)).to(dtype)
+    lse = (m + torch.log(l))[..., 0]
+    out = _bias_residual_scale(_gemm(ctx.reshape(B * Tt, E), w_out.t(), dtype), b_out, x.reshape(B * Tt, C), dtype)
+    return out.view(B, Tt, C), q, ctx, lse
+
+
+def emulate_cuda_backward(grad_out, t, mask, q, ctx, lse, dtype, fp32_scores=True):
+    """conv_attention_bwd on CUDA without grad_attn: the grad_out GEMMs, the recomputed scores, softmax_bwd_kernel
+    (p = exp(score - lse), dp = sigma * dP, dot = sum p * dp in fp32; sigma * p and p * (dp - dot) stored to 16
+    bits), then the GEMMs of the input gradients. fp32_scores=True recomputes the scores as csrc/conv_attention.cpp
+    does (an fp32 product of the 16-bit q and K); False rounds them to 16 bits, as a 16-bit at::bmm would (the
+    defect: p's rows then do not sum to 1 against the forward's fp32 lse). Returns {input name: gradient}."""
+    x, te, k, v, w_in, b_in, w_out, b_out = (t[n] for n in INPUTS)
+    B, Tt, C = x.shape
+    Ts, E = k.shape[1], k.shape[2]
+    g2 = grad_out.reshape(B * Tt, C)
+    grad_b_out = (g2.to(_F32).sum(0).to(dtype).to(_F32) * _SQRT_HALF).to(dtype)   # g2.sum(0).mul_(sqrt(.5))
+    grad_w_out = _gemm(g2.t(), ctx.reshape(B * Tt, E), dtype, alpha=_SQRT_HALF)
+    dctx = _gemm(g2, w_out, dtype, alpha=_SQRT_HALF).view(B, Tt, E)
+    s = q.to(_F32) @ k.to(_F32).transpose(1, 2)
+    if not fp32_scores:
+        s = s.to(dtype).to(_F32)
+    dpt = _gemm(dctx, v.transpose(1, 2), dtype)
+    p = torch.exp(s - lse[..., None])
+    if mask is not None:
+        p = p.masked_fill(mask[:, None, :], 0.0)
+    sg = _sigma(mask, B, Ts)[:, None, None]
+    dp = sg * dpt.to(_F32)
+    dot = (p * dp).sum(-1, keepdim=True)
+    p_scaled, ds = (sg * p).to(dtype), (p * (dp - dot)).to(dtype)
+    grad_values = _gemm(p_scaled.transpose(1, 2), dctx, dtype)
+    grad_keys = _gemm(ds.transpose(1, 2), q, dtype)
+    grad_te = _gemm(ds, k, dtype, alpha=_SQRT_HALF)
+    dlin = grad_te.view(B * Tt, E)
+    grad_b_in = dlin.to(_F32).sum(0).to(dtype)
+    grad_w_in = _gemm(dlin.t(), x.reshape(B * Tt, C), dtype)
+    grad_x = _gemm(dlin, w_in, dtype, c=g2, beta=_SQRT_HALF).view(B, Tt, C)
+    return dict(zip(INPUTS, (grad_x, grad_te, grad_keys, grad_values, grad_w_in, grad_b_in, grad_w_out,
+                             grad_b_out)))
+
+
+# The cases the CUDA flash forward runs (E <= 1024), as test_matches_reference's shapes.
+FLASH_CASES = [c for c in CASES if CASES[c][4] <= 1024]
+
+
+def _emulated_case(case, dtype):
+    """(16-bit inputs, mask, grad_out, emulated forward's (out, q, ctx, lse), fp64 and same-dtype reference
+    (out, grads))."""
+    B, Tt, Ts, C, E, spans, _, _ = CASES[case]
+    t, mask = make_inputs(B, Tt, Ts, C, E), mask_from(Ts, spans)
+    gout = torch.randn(B, Tt, C, dtype=torch.float64)
+    o64, _, g64 = run(conv_attention_ref, t, mask, False, gout, None, torch.float64, "cpu")
+    ol, _, gl = run(conv_attention_ref, t, mask, False, gout, None, dtype, "cpu")
+    t16 = {n: v.to(dtype) for n, v in t.items()}
+    return t16, mask, gout.to(dtype), emulate_cuda_forward(t16, mask, dtype), (o64, g64), (ol, gl)
+
+
+def _rule_failures(grads, out, ref64, lowp, dtype) -> list[str]:
+    """The names of the results that fail tests/tolerance.py's rule."""
+    failed = []
+    for name, fused, low, want in [("out", out, lowp[0], ref64[0])] + [
+            (n, grads[n], lowp[1][n], ref64[1][n]) for n in INPUTS]:
+        try:
+            assert_close_rule(name, fused, low, want, dtype)
+        except AssertionError:
+            failed.append(name)
+    return failed
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", FLASH_CASES)
+def test_emulated_cuda_flash_path(case, dtype):
+    """The CUDA path (flash forward, backward recomputing fp32 scores), emulated: within the tolerance rule."""
+    t, mask, gout, (out, q, ctx, lse), ref64, lowp = _emulated_case(case, dtype)
+    grads = emulate_cuda_backward(gout, t, mask, q, ctx, lse, dtype)
+    assert _rule_failures(grads, out, ref64, lowp, dtype) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_emulated_16bit_score_recomputation_fails_the_rule(dtype):
+    """The defect the fp32 recomputation removes: a backward recomputing the scores in 16 bits against the flash
+    forward's fp32 lse fails the rule (on 4-6 of the 13 cases per dtype when this was written, by up to 16x)."""
+    failing = {}
+    for case in FLASH_CASES:
+        t, mask, gout, (out, q, ctx, lse), ref64, lowp = _emulated_case(case, dtype)
+        grads = emulate_cuda_backward(gout, t, mask, q, ctx, lse, dtype, fp32_scores=False)
+        failing[case] = _rule_failures(grads, out, ref64, lowp, dtype)
+    print(failing)
+    assert "encoder_keys" in failing["Ts_1"]  # one real position: p must be exactly 1, exp(rounded - lse) is not
+    assert sum(bool(f) for f in failing.values()) >= 3, failing
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ["all_lengths_different", "Ts_1", "one_real_token_weights", "long_source",
+                                  "Tt_many_blocks"])
+def test_native_backward_after_the_flash_forward(case, dtype):
+    """The compiled backward (csrc/conv_attention.cpp, the same host code on CPU and CUDA; the CPU softmax kernel
+    computes what the CUDA one does) fed the flash forward's saved q, ctx and fp32 lse: its gradients pass the
+    tolerance rule and equal the emulated CUDA backward to one rounding (which ties the emulation to the code)."""
+    t, mask, gout, (out, q, ctx, lse), ref64, lowp = _emulated_case(case, dtype)
+    got = torch.ops.convs2s.conv_attention_native_bwd(gout, None, t["x"], t["encoder_keys"], t["encoder_values"],
+                                                      mask, t["w_in"], t["w_out"], q, ctx, lse)
+    got = dict(zip(INPUTS, got))
+    emulated = emulate_cuda_backward(gout, t, mask, q, ctx, lse, dtype)
+    for name in INPUTS:
+        scale = max(emulated[name].abs().max().item(), 1e-3)
+        torch.testing.assert_close(got[name].float(), emulated[name].float(), rtol=0,
+                                   atol=2 * torch.finfo(dtype).eps * scale, msg=name)
+    assert _rule_failures(got, out, ref64, lowp, dtype) == []

@@ -60,8 +60,10 @@ def _check_input(name: str, x: torch.Tensor, training: bool) -> None:
         raise RuntimeError(f"{name} is an int8 inference layer: it has no training mode (call .eval())")
     if x.device.type != "cpu":
         raise ValueError(f"{name} runs on the CPU (fbgemm), got an input on {x.device}")
-    if x.dtype != torch.float32:
-        raise ValueError(f"{name} takes float32 inputs, got {x.dtype} (run int8 models without autocast)")
+    if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        raise ValueError(f"{name} computes in float32 (int8 weights): got a {x.dtype} input"
+                         + (" under CPU autocast" if torch.is_autocast_enabled("cpu") else "")
+                         + "; run int8 models in float32, without autocast")
     if x.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(f"{name} has no autograd: call it under torch.no_grad() or torch.inference_mode()")
 
@@ -133,7 +135,7 @@ class Int8Linear(nn.Module):
             self._q, self._scale, self._bias = q, scale, bias
 
     @classmethod
-    def from_float(cls, module: nn.Module, *, kernel: str = "fbgemm") -> "Int8Linear":
+    def from_float(cls, module: nn.Module, *, kernel: str = "fbgemm") -> Int8Linear:
         """From a WNLinear or an nn.Linear (a tied output projection: the embedding itself stays fp32)."""
         return cls(module.weight.detach(), module.bias, kernel=kernel)
 
@@ -158,7 +160,7 @@ class Int8Linear(nn.Module):
                                                _REDUCE_RANGE)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def prepare_step(self, dtype: torch.dtype) -> "Int8Linear":
+    def prepare_step(self, dtype: torch.dtype) -> Int8Linear:
         """The decoder's prepared form of this layer for step(): itself (the weights are prepared already)."""
         if dtype != torch.float32:
             raise ValueError(f"int8 layers step in float32, not {dtype} (run int8 models without autocast)")

@@ -1,6 +1,7 @@
 # The README's commands. Each target installs what it needs into .venv (created if missing).
 #   make train   train ConvS2S on Multi30k De->En and print test BLEU (see README)
 #   make test    the test suite (CPU; Triton kernels through TRITON_INTERPRET=1 when there is no GPU)
+#   make lint    ruff check . (settings in pyproject.toml)
 #   make bench   the benchmark suite for the backends this machine has
 #   make test-fairseq   convs2s against real fairseq (tests/test_fairseq_real.py) in its own .venv-fairseq
 #   make bench-vs-fairseq   generation speed of convs2s's backends against fairseq's own, same model (CPU)
@@ -15,7 +16,7 @@ DATA ?= $(if $(wildcard ../shared/data/multi30k/train.de.gz),../shared/data/mult
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all install deps test test-fairseq train bench bench-vs-fairseq clean
+.PHONY: all install deps test lint test-fairseq train bench bench-vs-fairseq clean
 
 all: test
 
@@ -23,16 +24,18 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# Third-party packages; triton comes with the CUDA build of torch at the version torch pins.
+# torch (the build users pick: TORCH=...) and what building the extension needs, installed first because the
+# package is built with --no-build-isolation against this torch; triton comes with the CUDA build of torch.
 $(VENV)/.deps: $(PY) Makefile
-	$(PIP) install -q "$(TORCH)" numpy pytest pytest-benchmark hypothesis sentencepiece sacrebleu sacremoses tqdm matplotlib ninja
+	$(PIP) install -q "$(TORCH)" "setuptools>=64" ninja
 	touch $@
 
 deps: $(VENV)/.deps
 
-# The package itself, editable; rebuilt when setup.py or the C++/CUDA sources change.
-$(VENV)/.installed: $(VENV)/.deps setup.py $(wildcard csrc/*)
-	$(PIP) install -q -e . --no-build-isolation
+# The package itself, editable, with the dependencies and the dev extra (tests, lint) of pyproject.toml; rebuilt
+# when setup.py, pyproject.toml or the C++/CUDA sources change.
+$(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*)
+	$(PIP) install -q -e ".[dev]" --no-build-isolation
 	touch $@
 
 install: $(VENV)/.installed
@@ -40,16 +43,19 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+lint: install
+	$(PY) -m ruff check .
+
 # Real fairseq (fairseq-fixed: fairseq 0.12.2 with Python 3.11 fixes) pins old hydra/omegaconf and builds Cython
-# and C++ extensions, so it gets its own environment; convs2s is used from this tree (reference backend, no build).
+# and C++ extensions, so it gets its own environment, with the fairseq and dev extras; convs2s is installed there
+# from this tree without its extension (CONVS2S_SKIP_BUILD=1; the tests use the reference backend).
 # CONVS2S_REQUIRE_FAIRSEQ=1 turns the test file's import skip into a failure.
 FAIRSEQ_VENV ?= .venv-fairseq
-$(FAIRSEQ_VENV)/.deps: Makefile
+$(FAIRSEQ_VENV)/.deps: Makefile pyproject.toml
 	python3 -m venv $(FAIRSEQ_VENV)
 	$(FAIRSEQ_VENV)/bin/python -m pip install -q --upgrade pip
-	$(FAIRSEQ_VENV)/bin/python -m pip install -q "$(TORCH)" numpy cython ninja setuptools wheel pytest hypothesis \
-		sentencepiece sacrebleu subword-nmt==0.3.8 sacremoses
-	$(FAIRSEQ_VENV)/bin/python -m pip install -q --no-build-isolation fairseq-fixed==0.12.3.1
+	$(FAIRSEQ_VENV)/bin/python -m pip install -q "$(TORCH)" cython ninja "setuptools>=64" wheel
+	CONVS2S_SKIP_BUILD=1 $(FAIRSEQ_VENV)/bin/python -m pip install -q --no-build-isolation -e ".[fairseq,dev]"
 	touch $@
 
 test-fairseq: $(FAIRSEQ_VENV)/.deps

@@ -1,4 +1,5 @@
-"""Build and install convs2s.
+"""The build of convs2s: its packages and compiled extension. Metadata, version and dependencies are in
+pyproject.toml.
 
 `pip install -e . --no-build-isolation` (or `pip install . --no-build-isolation`): the isolated build environment
 pip would otherwise create pulls a different torch than the one installed, so build against the installed one.
@@ -122,16 +123,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    name="convs2s",
-    version="0.1.0",
-    description="ConvS2S translation with fused Triton / C++ / CUDA kernels",
-    python_requires=">=3.10",
     packages=find_packages(include=["convs2s", "convs2s.*"]) + ["convs2s.kernels"],
     package_dir={"convs2s.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy", "sentencepiece", "sacrebleu", "tqdm"],
-    extras_require={"triton": ["triton"], "plot": ["matplotlib"], "fairseq": ["sacremoses"],
-                    "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "sacremoses"]},
-    entry_points={"console_scripts": ["convs2s = convs2s.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

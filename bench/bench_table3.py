@@ -66,7 +66,8 @@ def main(argv=None) -> list[dict]:
     if args.quick:
         src_len, tgt_len = src_len.clamp(max=100), tgt_len.clamp(max=100)
     batches = make_batches(src_len, tgt_len, vocab, args.batch, device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
+                else contextlib.nullcontext)
     rows = []
     with torch.inference_mode(), autocast():
         decode_all(model, batches[:1], 1, True)                       # warm-up: lazy init, kernel compilation

@@ -146,7 +146,7 @@ def main(argv=None) -> list[dict]:
             "sentences": args.sentences, "batch_sentences": args.batch_sentences, "beam": args.beam,
             "dtype": "fp32", "threads": args.threads, "fairseq": fairseq.__version__}
     rows = []
-    result, ref_best = timed(lambda b: run_fairseq(theirs, tgt_dict, b, args.beam), batches, args.repeats)
+    result, ref_best = timed(lambda b, m=theirs: run_fairseq(m, tgt_dict, b, args.beam), batches, args.repeats)
     rows.append({**info, "impl": "fairseq", **result, "agree": 1.0})
     del theirs
     print(f"fairseq: {result['target_tokens_per_s']:.1f} target tokens/s", file=sys.stderr)
@@ -154,7 +154,7 @@ def main(argv=None) -> list[dict]:
         if available_backends("cpu")[backend] is not None:
             continue
         model = from_fairseq(ckpt, backend=backend)
-        result, best = timed(lambda b: run_convs2s(model, b, args.beam), batches, args.repeats)
+        result, best = timed(lambda b, m=model: run_convs2s(m, b, args.beam), batches, args.repeats)
         agree = sum(a == b for a, b in zip(best, ref_best)) / len(ref_best)
         rows.append({**info, "impl": f"convs2s-{backend}", **result, "agree": agree,
                      "speedup_vs_fairseq": rows[0]["wall_s"] / result["wall_s"]})

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -41,7 +41,7 @@ def graphed(fn, device: torch.device):
         return None
     try:
         # Warm-up and capture on one side stream: cuBLAS sets up its per-stream workspace on first use, which a
-        # capture forbids (on the H200 the first backward captured on a fresh stream failed that way).
+        # capture forbids (a backward captured first on a fresh stream fails).
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -133,7 +133,7 @@ def environment() -> dict:
     except ImportError:
         env["triton"] = None
     if os.environ.get("CONVS2S_COMMIT"):
-        # The GPU machine gets a copy of the working tree whose .git cannot resolve HEAD: the caller passes it.
+        # A copy of the working tree whose .git cannot resolve HEAD: the caller passes the commit.
         env["commit"] = os.environ["CONVS2S_COMMIT"]
         env["dirty"] = os.environ.get("CONVS2S_DIRTY", "unknown")
         return env

@@ -32,8 +32,7 @@ BENCHES = {
     "table3": "bench_table3",   # the paper's Table 3 (minutes on a GPU): only when asked for with --only
 }
 # fairseq is in the CPU default too: its --quick run (3 short sentences on the full-size model, conversion and
-# search included) took 16 s with one thread on the project's 2-core machine, 45 s with torch's two threads while
-# other jobs loaded it; its CPU default (8 sentences) 35 s with one thread.
+# search included) takes about 16 s on one CPU thread, its CPU default (8 sentences) about 35 s.
 DEFAULT = ["glu_conv", "conv_attention", "train", "generate", "fairseq"]
 
 
@@ -93,7 +92,8 @@ def main(argv=None) -> int:
             print(f"== {name}: not available ({e})")
             continue
         print(f"== {name}")
-        bargs = ["--device", args.device, "--out", os.path.join(out, f"{name}.json")] + (["--quick"] if args.quick else [])
+        bargs = ["--device", args.device, "--out", os.path.join(out, f"{name}.json")]
+        bargs += ["--quick"] if args.quick else []
         try:
             rows = mod.main(bargs) or []
         except Exception:

@@ -5,7 +5,8 @@
     convs2s translate --fairseq wmt14.en-fr.fconv-py --tokenizer moses   a fairseq fconv folder, raw stdin
     convs2s plot-attention --checkpoint runs/x/best.pt --sentence "Ein Hund läuft." --out a.png [--layer all]
     convs2s evaluate  --checkpoint runs/x/best.pt --split test_2016_flickr   (or --src FILE --ref FILE)
-    convs2s bench     [--device cuda] [--quick] [--only ...]      the benchmark suite (bench/run.py)
+
+The benchmark suite is not a subcommand: it runs from a source checkout as `python -m bench.run` (`make bench`).
 
 Each subcommand is one entry of SUBCOMMANDS: a function that adds its parser to the subparsers and sets
 `func` (called with the parsed arguments, returns the exit status). New subcommands add an entry there.
@@ -116,10 +117,10 @@ def _read_input(path: str, read_lines) -> list[str]:
 
 
 def _run_translate(a: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint, model_from_checkpoint
     from .data import read_lines
-    from .evaluate import resolve_device
+    from .device import resolve_device
     from .generate import nbest_lines
-    from .train import load_checkpoint, model_from_checkpoint
     # fairseq generate's defaults with --fairseq, this project's otherwise.
     defaults = (5, 0.0, 200) if a.fairseq else (1, 1.2, 10)
     a.beam, a.max_len_a, a.max_len_b = (d if v is None else v
@@ -207,9 +208,9 @@ def _add_plot_attention(sub) -> None:
 
 
 def _run_plot_attention(a: argparse.Namespace) -> int:
-    from .evaluate import resolve_device
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .device import resolve_device
     from .plot import plot_sentence
-    from .train import load_checkpoint, model_from_checkpoint
     layer = int(a.layer) if a.layer.lstrip("-").isdigit() else a.layer
     if layer not in ("mean", "all") and not isinstance(layer, int):
         raise SystemExit(f"convs2s plot-attention: --layer must be mean, all or an index, got {a.layer!r}")
@@ -220,29 +221,11 @@ def _run_plot_attention(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench(sub) -> None:
-    # Listed for `convs2s --help`; main() hands everything after "bench" to bench.run's own parser.
-    sub.add_parser("bench", help="run the benchmark suite (from a source checkout; `convs2s bench --help`)")
-
-
-def _run_bench(argv: list[str]) -> int:
-    import importlib
-    import os
-    # bench/ lives beside the package in a source checkout (an editable install), not inside the wheel.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(root, "bench", "run.py")):
-        raise SystemExit(f"convs2s bench: no bench/ folder beside {root}; the benchmark suite runs from a source "
-                         "checkout (git clone, then `pip install -e . --no-build-isolation`)")
-    sys.path.insert(0, root)
-    return importlib.import_module("bench.run").main(argv)
-
-
 SUBCOMMANDS = {
     "train": _add_train,
     "translate": _add_translate,
     "evaluate": _add_evaluate,
     "plot-attention": _add_plot_attention,
-    "bench": _add_bench,
 }
 
 
@@ -255,8 +238,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:
-        return _run_bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     return args.func(args)

@@ -14,17 +14,11 @@ import time
 from pathlib import Path
 
 import sacrebleu
-import torch
 
 from . import data as data_mod
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .device import resolve_device
 from .generate import translate_lines
-from .train import load_checkpoint, model_from_checkpoint
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def score(hyps: list[str], refs: list[str]) -> dict:

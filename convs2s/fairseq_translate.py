@@ -9,10 +9,11 @@ codes), map tokens with the source dictionary (unknown -> <unk>), append </s>; b
 defaults: beam 5, length penalty 1, max length 0 * |src| + 200); then map ids back with the target dictionary,
 drop the final </s>, remove BPE ("@@ ") and Moses-detokenize.
 
-Lines are searched in batches of similar length (at most max_tokens source tokens, left-padded as fairseq pads
-sources). Sentences finish independently in convs2s.search, so a line's hypotheses do not depend on its batch
-beyond floating-point rounding of the padded computation (fairseq-generate batches the same way); with
-max_len_a != 0 each sentence's length limit comes from its own length (fairseq-interactive's batch-of-one result).
+Lines are searched by convs2s.generate.translate_batched: batches of similar length (at most max_tokens source
+tokens, left-padded as fairseq pads sources). Sentences finish independently in convs2s.search, so a line's
+hypotheses do not depend on its batch beyond floating-point rounding of the padded computation (fairseq-generate
+batches the same way); with max_len_a != 0 each sentence's length limit comes from its own length
+(fairseq-interactive's batch-of-one result).
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from pathlib import Path
 import torch
 
 from .bpe import BPE, remove_bpe
-from .convert import EOS, PAD, UNK, from_fairseq, load_fairseq_checkpoint, read_fairseq_dict
-from .data import token_batches
-from .search import beam_search
+from .convert import EOS, UNK, from_fairseq, load_fairseq_checkpoint, read_fairseq_dict
+from .generate import translate_batched
 
 BPE_CODE_NAMES = ("bpecodes", "code", "codes")   # names fairseq's released archives use for subword-nmt codes
 
@@ -95,7 +95,7 @@ class FairseqTranslator:
     @classmethod
     def from_dir(cls, folder: str | os.PathLike, *, checkpoint: str = "model.pt", source_lang: str | None = None,
                  target_lang: str | None = None, tokenizer: str | None = None, backend: str = "auto",
-                 device: torch.device | str = "cpu") -> "FairseqTranslator":
+                 device: torch.device | str = "cpu") -> FairseqTranslator:
         if tokenizer not in TOKENIZERS:
             raise ValueError(f"unknown tokenizer {tokenizer!r}; choose one of {TOKENIZERS}")
         folder = Path(folder)
@@ -144,18 +144,7 @@ class FairseqTranslator:
                   max_tokens: int = 4000) -> list[list[tuple[str, float]]]:
         """Per line (input order), `nbest` (text, score) best first; lines are searched in length-sorted batches
         of at most `max_tokens` padded source tokens."""
-        device = next(self.model.parameters()).device
-        encoded = [self.encode(line) for line in lines]
-        sizes = [len(ids) for ids in encoded]
-        out: list[list[tuple[str, float]]] = [[] for _ in lines]
-        for idx in token_batches(sizes, sizes, max(max_tokens, max(sizes, default=0))):
-            width = max(sizes[i] for i in idx)
-            src = torch.full((len(idx), width), PAD, dtype=torch.long)
-            for row, i in enumerate(idx):
-                src[row, width - sizes[i]:] = torch.tensor(encoded[i])        # left-padded, as fairseq's sources
-            lengths = torch.tensor([sizes[i] for i in idx])
-            hyps = beam_search(self.model, src.to(device), lengths.to(device), beam=beam, nbest=nbest,
-                               len_penalty=len_penalty, max_len_a=max_len_a, max_len_b=max_len_b)
-            for i, hs in zip(idx, hyps):
-                out[i] = [(self.decode(h.tokens.tolist()), h.score) for h in hs]
-        return out
+        hyps = translate_batched(self.model, [self.encode(line) for line in lines], max_tokens=max_tokens,
+                                 left_pad=True, beam=beam, nbest=nbest, len_penalty=len_penalty, max_len_a=max_len_a,
+                                 max_len_b=max_len_b)
+        return [[(self.decode(h.tokens.tolist()), h.score) for h in hs] for hs in hyps]

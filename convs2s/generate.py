@@ -5,25 +5,28 @@
     hyps[i][0].score      sum of log-probabilities / length ** len_penalty (fairseq's length-normalised score)
     hyps[i][0].attention  (n_attention_layers, L, S) over the S real source tokens, with need_attention=True
 
+    translate_batched(model, [[5, 9, 2], [7, 2]], beam=5) -> per source, in input order, its hypotheses
     translate_lines(model, tokenizer, ["Ein Hund läuft."]) -> ["A dog runs."]    batched, detokenized
     nbest_lines(model, tokenizer, lines, beam=5, nbest=3) -> per line [(translation, score)], best first
 
+translate_batched is the one batching path: `convs2s translate`, `convs2s evaluate`, validation BLEU in training
+(through translate_lines / nbest_lines) and the fairseq path (convs2s.fairseq_translate) all go through it.
 The search is convs2s.search.beam_search; incremental=False recomputes the decoder over the whole prefix at every
 step (O(T^2) per sentence), kept for comparison and tests.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .data import PairDataset, token_batches
+from .data import token_batches
+from .device import autocast_for
 from .search import Hypothesis, beam_search
-from .tokenizer import Tokenizer
+from .tokenizer import EOS_ID, Tokenizer
 
-__all__ = ["Hypothesis", "translate", "translate_lines", "nbest_lines", "autocast_for"]
+__all__ = ["Hypothesis", "translate", "translate_batched", "translate_lines", "nbest_lines", "autocast_for"]
 
 
 @torch.no_grad()
@@ -41,16 +44,51 @@ def translate(model, src_tokens: torch.Tensor, src_lengths: torch.Tensor | None 
                        need_attention=need_attention)
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA, nothing elsewhere (CPU runs fp32)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+@torch.no_grad()
+def translate_batched(model, sources: Sequence[Sequence[int]], *, max_tokens: int = 4000, left_pad: bool = False,
+                      beam: int = 5, nbest: int = 1, max_len_a: float = 1.2, max_len_b: int = 10, min_len: int = 1,
+                      len_penalty: float = 1.0, need_attention: bool = False) -> list[list[Hypothesis]]:
+    """Per source, in input order, at most `nbest` hypotheses, best first (beam_search's, see `translate`).
+
+    sources: source id lists, each ending with EOS; one longer than the model's max_source_positions is cut to
+    its first max_source_positions - 1 ids + its EOS. They are sorted by length and grouped into batches of at
+    most max(max_tokens, longest source) padded source tokens (batch size x its longest source, fairseq-generate's
+    --max-tokens), padded on the left (left_pad, as fairseq pads sources) or right, and each batch is searched
+    on the model's device. Each sentence's length limit comes from its own length, so a sentence's hypotheses do
+    not depend on its batch beyond floating-point rounding of the padded computation.
+    """
+    if not sources:
+        return []
+    cfg = model.config
+    device = next(model.parameters()).device
+    limit = cfg.max_source_positions
+    sources = [list(s) if len(s) <= limit else list(s[:limit - 1]) + [s[-1]] for s in sources]
+    sizes = [len(s) for s in sources]
+    if min(sizes) == 0:
+        raise ValueError("every source needs at least its EOS; got an empty id list")
+    out: list[list[Hypothesis]] = [[] for _ in sources]
+    for batch in token_batches(sizes, sizes, max(max_tokens, max(sizes))):
+        idx = [int(i) for i in batch]
+        width = max(sizes[i] for i in idx)
+        src = torch.full((len(idx), width), cfg.pad_idx, dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids = torch.tensor(sources[i], dtype=torch.long)
+            if left_pad:
+                src[row, width - sizes[i]:] = ids
+            else:
+                src[row, :sizes[i]] = ids
+        lengths = torch.tensor([sizes[i] for i in idx], dtype=torch.long)
+        hyps = beam_search(model, src.to(device), lengths.to(device), beam=beam, nbest=nbest, max_len_a=max_len_a,
+                           max_len_b=max_len_b, min_len=min_len, len_penalty=len_penalty,
+                           need_attention=need_attention)
+        for i, hs in zip(idx, hyps):
+            out[i] = hs
+    return out
 
 
 def translate_lines(model, tokenizer: Tokenizer, lines: Sequence[str], *, max_tokens: int = 4000, beam: int = 1,
                     max_len_a: float = 1.2, max_len_b: int = 10, len_penalty: float = 1.0) -> list[str]:
-    """Detokenized translations of `lines`, in input order; batched by source length on the model's device."""
+    """Detokenized translations of `lines`, in input order (the best hypothesis of nbest_lines)."""
     return [hyps[0][0] for hyps in nbest_lines(model, tokenizer, lines, max_tokens=max_tokens, beam=beam,
                                                max_len_a=max_len_a, max_len_b=max_len_b, len_penalty=len_penalty)]
 
@@ -58,21 +96,14 @@ def translate_lines(model, tokenizer: Tokenizer, lines: Sequence[str], *, max_to
 def nbest_lines(model, tokenizer: Tokenizer, lines: Sequence[str], *, max_tokens: int = 4000, beam: int = 1,
                 nbest: int = 1, max_len_a: float = 1.2, max_len_b: int = 10,
                 len_penalty: float = 1.0) -> list[list[tuple[str, float]]]:
-    """Per line of `lines` (in input order), at most `nbest` (detokenized translation, score), best first."""
+    """Per line of `lines` (in input order), at most `nbest` (detokenized translation, score), best first.
+
+    Encoded with the tokenizer (+ EOS), searched by translate_batched (right-padded) under autocast_for(device)."""
     if not lines:
         return []
     device = next(model.parameters()).device
-    ds = PairDataset(tokenizer.encode_src(lines))
-    limit = model.config.max_source_positions
-    ds.src = [s if len(s) <= limit else s[:limit - 1] + s[-1:] for s in ds.src]  # keep EOS when truncating
-    # Leave room in the token budget for the decoder's prefix (up to max_len_a x the source length + max_len_b).
-    sizes = [int(s * max(max_len_a, 1.0) + max_len_b) for s in ds.src_sizes]
-    out: list[list[tuple[str, float]]] = [[] for _ in lines]
+    sources = [ids + [EOS_ID] for ids in tokenizer.encode_src(lines)]
     with autocast_for(device):
-        for idx in token_batches(sizes, [0] * len(sizes), max(max_tokens, max(sizes))):
-            batch = ds.collate(idx).to(device)
-            hyps = translate(model, batch.src_tokens, batch.src_lengths, beam=beam, nbest=nbest,
-                             max_len_a=max_len_a, max_len_b=max_len_b, len_penalty=len_penalty)
-            for i, hs in zip(batch.indices.tolist(), hyps):
-                out[i] = [(tokenizer.decode_tgt(h.tokens.tolist()), h.score) for h in hs]
-    return out
+        hyps = translate_batched(model, sources, max_tokens=max_tokens, beam=beam, nbest=nbest, max_len_a=max_len_a,
+                                 max_len_b=max_len_b, len_penalty=len_penalty)
+    return [[(tokenizer.decode_tgt(h.tokens.tolist()), h.score) for h in hs] for hs in hyps]

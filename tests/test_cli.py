@@ -9,9 +9,7 @@ import sys
 import pytest
 
 from convs2s import cli
-
 from tests.multi30k import REPO, multi30k_dir
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")     # see tests/conftest.py
 
@@ -113,9 +111,10 @@ def test_evaluate_needs_a_split_or_files(tmp_path):
         cli.main(["evaluate", "--checkpoint", str(tmp_path / "x.pt"), "--src", "a.de"])
 
 
-def test_bench_subcommand_hands_arguments_to_the_suite(capsys):
-    from convs2s import cli
+def test_bench_is_a_module_of_the_checkout_not_a_subcommand(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--help"])
-    assert e.value.code == 0
-    assert "--quick" in capsys.readouterr().out
+    assert e.value.code == 2 and "invalid choice: 'bench'" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--help"], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert proc.returncode == 0 and "--quick" in proc.stdout, proc.stderr[-2000:]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import convs2s.fairseq_translate as ft
+import convs2s.generate as gen
 from convs2s import cli
 from convs2s.bpe import BPE, remove_bpe
 from convs2s.convert import from_fairseq
@@ -50,7 +51,7 @@ def test_pipeline_matches_beam_search_on_converted_model(folder, monkeypatch):
     def recording(model, src, lengths, *a, **k):
         fed.append((src.clone(), lengths.clone()))
         return beam_search(model, src, lengths, *a, **k)
-    monkeypatch.setattr(ft, "beam_search", recording)
+    monkeypatch.setattr(gen, "beam_search", recording)
     tr = ft.FairseqTranslator.from_dir(folder, backend="reference")     # languages inferred: de -> en
     assert tr.src_symbols[4:] == SRC_WORDS and tr.tgt_symbols[4:] == TGT_WORDS
     got = tr.translate(LINES, beam=3, nbest=2, max_len_a=0.5, max_len_b=7)
@@ -99,7 +100,7 @@ def test_moses_tokenizer_in_and_detokenizer_out(folder, monkeypatch):
     assert tr.tokenizer.decode("the cat &apos;s mat .") == "the cat's mat."
 
     fed = []
-    monkeypatch.setattr(ft, "beam_search", lambda m, src, lengths, **k: fed.append(src) or beam_search(
+    monkeypatch.setattr(gen, "beam_search", lambda m, src, lengths, **k: fed.append(src) or beam_search(
         m, src, lengths, **k))
     tr.translate(["low,low"])
     # "low,low" -Moses-> "low , low" -BPE-> "lo@@ w , lo@@ w" (no merge makes "low</w>"): lo@@ is source symbol
@@ -125,7 +126,7 @@ def test_cli_defaults_output_and_nbest_format(folder, monkeypatch, capsys, tmp_p
     def recording(model, src, *a, **k):
         calls.append(k)
         return beam_search(model, src, *a, **k)
-    monkeypatch.setattr(ft, "beam_search", recording)
+    monkeypatch.setattr(gen, "beam_search", recording)
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("\n".join(LINES) + "\n"))
     assert cli.main(["translate", "--fairseq", str(folder), "--backend", "reference", "--device", "cpu"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -179,12 +180,12 @@ def test_cli_bf16_autocast(folder, monkeypatch, capsys):
     ckpt["model"] = {k: v.float() for k, v in ckpt["model"].items()}
     torch.save(ckpt, folder / "model.pt")
     seen = []
-    real = ft.beam_search
+    real = gen.beam_search
 
     def recording(model, src, lengths, **k):
         seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
         return real(model, src, lengths, **k)
-    monkeypatch.setattr(ft, "beam_search", recording)
+    monkeypatch.setattr(gen, "beam_search", recording)
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("\n".join(LINES) + "\n"))
     assert cli.main(["translate", "--fairseq", str(folder), "--bf16", "--beam", "2", "--backend", "reference",
                      "--device", "cpu"]) == 0

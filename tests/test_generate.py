@@ -431,8 +431,8 @@ def test_bench_generate_runs_and_writes_json(tmp_path):
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """A random tiny model + a small tokenizer saved as a convs2s checkpoint (no training needed)."""
+    from convs2s.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
     from convs2s.tokenizer import Tokenizer
-    from convs2s.train import CHECKPOINT_FORMAT, save_checkpoint
     de = ["ein hund läuft im park", "zwei männer spielen fußball", "eine frau liest ein buch"] * 4
     en = ["a dog runs in the park", "two men play soccer", "a woman reads a book"] * 4
     tok = Tokenizer.train(de, en, vocab_size=40)
@@ -446,8 +446,8 @@ def tiny_checkpoint(tmp_path):
 
 def test_cli_translate_beam_and_nbest(tiny_checkpoint, tmp_path, capsys):
     from convs2s import cli
+    from convs2s.checkpoint import load_checkpoint, model_from_checkpoint
     from convs2s.generate import nbest_lines
-    from convs2s.train import load_checkpoint, model_from_checkpoint
     src = tmp_path / "in.de"
     src.write_text("ein hund liest\nzwei frauen spielen im park\n")
     out = tmp_path / "out.en"

@@ -13,13 +13,11 @@ import pytest
 import torch
 
 from convs2s import data as D
+from convs2s.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from convs2s.evaluate import evaluate
 from convs2s.generate import translate
-from convs2s.train import (TrainArgs, label_smoothed_nll_loss, load_checkpoint, model_from_checkpoint,
-                           save_checkpoint, train)
-
+from convs2s.train import TrainArgs, label_smoothed_nll_loss, train
 from tests.multi30k import multi30k_dir
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")     # see tests/conftest.py
 
@@ -162,10 +160,10 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path):
 _KILLED_SAVE = textwrap.dedent("""
     import os, signal, sys
     import torch
-    from convs2s import train as T
+    from convs2s import checkpoint as C
 
     path = sys.argv[1]
-    T.save_checkpoint({"format": 1, "step": 1, "w": torch.ones(1000)}, path)
+    C.save_checkpoint({"format": 1, "step": 1, "w": torch.ones(1000)}, path)
 
     class DieAfter:
         # A file that dies (SIGKILL, no cleanup) halfway through the first write that crosses 1 MB.
@@ -182,8 +180,8 @@ _KILLED_SAVE = textwrap.dedent("""
             return getattr(self.f, name)
 
     real_save = torch.save
-    T.torch.save = lambda obj, f: real_save(obj, DieAfter(f))
-    T.save_checkpoint({"format": 1, "step": 2, "w": torch.zeros(4 << 20)}, path)
+    C.torch.save = lambda obj, f: real_save(obj, DieAfter(f))
+    C.save_checkpoint({"format": 1, "step": 2, "w": torch.zeros(4 << 20)}, path)
 """)
 
 
@@ -194,8 +192,8 @@ def test_save_killed_mid_write_leaves_previous_checkpoint(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     leftovers = [p for p in tmp_path.iterdir() if p != path]
     assert leftovers and leftovers[0].stat().st_size > 1 << 20, "the second save was interrupted mid-write"
-    with pytest.raises(Exception):
-        torch.load(leftovers[0], weights_only=True)                  # the partial file is not a checkpoint
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(leftovers[0])                                # the partial file is not a checkpoint
     ckpt = load_checkpoint(path)
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(1000))
     save_checkpoint({"format": 1, "step": 3}, path)                 # a later save still works

@@ -12,9 +12,10 @@ banned before, forced at that step). The search does all its real work (beam boo
 leaving the batch as they finish), only the lengths are set.
 
 Timing: one untimed pass first (lazy init, Triton compilation), then the median wall time of `--repeats` passes
-(CUDA synchronised). Also a micro benchmark of one decoder layer's step (multi30k widths) per backend: the causal
-conv run on the k-wide window keeping its last step, vs. the k = 1 flattened formulation convs2s.incremental uses,
-and conv_attention with Tt = 1.
+(CUDA synchronised). Also, for the first batch: what Decoder.prepare_step (weight norm + cast, paid once per
+beam_search call) costs against one Decoder.step of its rows (greedy and beam 5); and a micro benchmark of one
+decoder layer's step (multi30k widths) per backend: glu_conv_step, the causal glu_conv run on the k-wide window
+keeping its last step, the k = 1 glu_conv on the flattened window, and conv_attention with Tt = 1.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ except ImportError:
     import common  # type: ignore
 
 from convs2s.model import ConvS2S
-from convs2s.ops import _backend
+from convs2s.ops import (BACKENDS, BackendUnavailableError, available_backends, conv_attention, glu_conv,
+                          glu_conv_step, resolve_backend)
 from convs2s.search import beam_search
 
 IMPLS = ("greedy-incremental", "greedy-full", "beam5-incremental", "beam5-full")
@@ -118,14 +120,15 @@ def step_micro(device, dtype, rows: int, backends) -> list[dict]:
     flat_x, flat_w = window.view(B, 1, k * C), weight.view(1, k * C, 2 * C)
     out = []
     shape = f"rows={B} C={C} k={k} E={E} Ts={Ts}"
+    conv_state = window[:, 1:].contiguous()
     for backend in backends:
-        _, glu = _backend.resolve("glu_conv", backend, device)
-        _, attn = _backend.resolve("conv_attention", backend, device)
         cases = {
-            ("glu_conv_step", "window-causal-last"): lambda: glu(window, weight, bias, None, True)[:, -1:],
-            ("glu_conv_step", "flattened-k1"): lambda: glu(flat_x, flat_w, bias, None, True),
-            ("conv_attention_step", "Tt1"): lambda: attn(x1, emb, keys, values, mask, w_in, b_in, w_out, b_out,
-                                                          False),
+            ("glu_conv_step", "op"): lambda: glu_conv_step(x1[:, 0], conv_state, weight, bias, backend=backend),
+            ("glu_conv_step", "window-causal-last"): lambda: glu_conv(window, weight, bias, causal=True,
+                                                                      backend=backend)[:, -1:],
+            ("glu_conv_step", "flattened-k1"): lambda: glu_conv(flat_x, flat_w, bias, causal=True, backend=backend),
+            ("conv_attention_step", "Tt1"): lambda: conv_attention(x1, emb, keys, values, mask, w_in, b_in, w_out,
+                                                                    b_out, backend=backend),
         }
         for (op, impl), fn in cases.items():
             t = common.timeit(fn, device, min_run_time=0.2)
@@ -135,14 +138,44 @@ def step_micro(device, dtype, rows: int, backends) -> list[dict]:
 
 
 def step_backends(device) -> list[str]:
-    """Backends with both ops for `device`; Triton on CPU only runs in the (far too slow) interpreter: skipped."""
+    """Backends with the decoding ops for `device`; Triton on CPU only runs in the (far too slow) interpreter:
+    skipped."""
     out = []
-    for b in _backend.BACKENDS:
-        if _backend.why_not(b, device) is not None or (b == "triton" and device.type != "cuda"):
+    for b, reason in available_backends(device).items():
+        if reason is not None or (b == "triton" and device.type != "cuda"):
             continue
-        if b == "reference" or (_backend._lookup("glu_conv", b) and _backend._lookup("conv_attention", b)):
-            out.append(b)
+        try:
+            for op in ("glu_conv", "glu_conv_step", "conv_attention"):
+                resolve_backend(op, b, device)
+        except BackendUnavailableError:
+            continue
+        out.append(b)
     return out
+
+
+@torch.no_grad()
+def prepare_vs_step(model, src, device, autocast) -> list[dict]:
+    """ms of Decoder.prepare_step and of one Decoder.step (the 10th: past the first layers' zero windows) for the
+    rows of `src` (B, Ts): greedy (B rows) and beam 5 (5B rows)."""
+    rows = []
+    with autocast():
+        weights = model.decoder.prepare_step(device)
+        t = common.timeit(lambda: model.decoder.prepare_step(device), device, min_run_time=0.5)
+        rows.append({"op": "prepare_step", "impl": "weight-norm+cast", "shape": f"{len(model.decoder.layers)} layers", **t})
+        enc = model.encode(src)
+        for beam in (1, 5):
+            rep = torch.arange(src.shape[0], device=device).repeat_interleave(beam)
+            state = model.decoder.init_state(type(enc)(*(x.index_select(0, rep) for x in enc)), weights)
+            tokens = torch.full((rep.shape[0],), model.config.bos_idx, device=device)
+            for _ in range(9):
+                model.decoder.step(tokens, state)
+
+            def one_step():                     # the same position each time; the windows' values do not matter
+                state.step = 9
+                return model.decoder.step(tokens, state)
+            t = common.timeit(one_step, device, min_run_time=0.5)
+            rows.append({"op": "decoder_step", "impl": f"beam{beam}", "shape": f"{rep.shape[0]} rows", **t})
+    return rows
 
 
 def main(argv=None) -> list[dict]:
@@ -156,7 +189,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--batch-sentences", type=int, default=None, help="sentences per batch (default CUDA 1000, CPU 64)")
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     ap.add_argument("--vocab", type=int, default=8000, help="source and target vocabulary size")
-    ap.add_argument("--backend", default="auto", choices=("auto",) + _backend.BACKENDS)
+    ap.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
     ap.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
                     help="bf16 = autocast, as convs2s.generate does on CUDA (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--repeats", type=int, default=None, help="timed passes (default CUDA 3, CPU 1)")
@@ -184,8 +217,8 @@ def main(argv=None) -> list[dict]:
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bf16"
                 else contextlib.nullcontext)
     src_len, tgt_len = flickr_like_lengths(sentences)
-    resolved = _backend.resolve("glu_conv", args.backend, device)[0] + "/" + \
-        _backend.resolve("conv_attention", args.backend, device)[0]
+    resolved = "/".join(resolve_backend(op, args.backend, device)
+                        for op in ("glu_conv", "glu_conv_step", "conv_attention"))
     rows = []
     for impl in args.impls:
         n = sentences if impl.endswith("incremental") else full_sentences
@@ -215,6 +248,9 @@ def main(argv=None) -> list[dict]:
               f"{full['cpu_speedup_incremental_vs_full']:.1f}x process CPU time "
               f"({full['cpu_speedup_decoder_only']:.1f}x without the {enc['cpu_s']:.2f} s encoder pass both pay)")
     if args.step_micro:
+        first = make_batches(src_len[:batch_sentences], tgt_len[:batch_sentences], args.vocab, batch_sentences,
+                             device)[0][0]
+        rows += prepare_vs_step(model, first, device, autocast)
         micro_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         rows += step_micro(device, micro_dtype, 5000 if cuda else 64, step_backends(device))
     common.print_table(rows, ["op", "impl", "backend", "sentences", "wall_s", "cpu_s", "sentences_per_s",

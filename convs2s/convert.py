@@ -15,6 +15,8 @@ Mapping facts (fairseq -> ours):
   * special ids: fairseq dictionaries are <s>=0, <pad>=1, </s>=2, <unk>=3, and its decoder starts from </s>, so
     the converted config has pad 1, bos = eos = 2, unk 3; fairseq's sources end with </s>.
   * weights are copied as (g, v) pairs where the layouts agree, so the model can be trained further.
+  * fairseq's decoder keeps per-layer modules in side-by-side lists (convolutions.N, attention.N, projections.N),
+    ours in one DecoderLayer each (layers.N.conv, layers.N.attention, layers.N.proj): model.upgrade_decoder_key.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .model import ConvS2S, ConvS2SConfig
+from .model import ConvS2S, ConvS2SConfig, upgrade_decoder_key
 
 FAIRSEQ_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]     # fairseq Dictionary's ids 0..3
 PAD, EOS, UNK = 1, 2, 3
@@ -166,6 +168,11 @@ def _conv_g_v(prefix: str, sd: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
     raise ValueError(f"{prefix}weight_g has shape {tuple(g.shape)}; expected (1, 1, {c2}) or ({k}, 1, 1)")
 
 
+def _our_key(key: str) -> str:
+    """A fairseq fconv state-dict key -> ours (the decoder's per-layer modules, see upgrade_decoder_key)."""
+    return "decoder." + upgrade_decoder_key(key[len("decoder."):]) if key.startswith("decoder.") else key
+
+
 def from_fairseq(checkpoint, *, src_dict=None, tgt_dict=None, backend: str = "auto") -> ConvS2S:
     """A fairseq fconv checkpoint (path, or the dict torch.load gives) -> ConvS2S in eval mode, same outputs.
 
@@ -202,19 +209,21 @@ def from_fairseq(checkpoint, *, src_dict=None, tgt_dict=None, backend: str = "au
         max_target_positions=sd["decoder.embed_positions.weight"].shape[0] - PAD - 1,
         pad_idx=PAD, bos_idx=EOS, eos_idx=EOS, unk_idx=UNK, backend=backend)
 
-    ours = {}
+    converted = {}                                      # fairseq's keys, our values
     for key, value in sd.items():
         if key in _IGNORED_KEYS:
             continue
         if key.endswith("embed_positions.weight"):
-            ours[key] = value[PAD:]
+            converted[key] = value[PAD:]
         elif key.startswith(("encoder.convolutions.", "decoder.convolutions.")) and key.endswith(".weight_g"):
             prefix = key[: -len("weight_g")]
-            ours[prefix + "weight_g"], ours[prefix + "weight_v"] = _conv_g_v(prefix, sd)
+            converted[prefix + "weight_g"], converted[prefix + "weight_v"] = _conv_g_v(prefix, sd)
         elif key.startswith(("encoder.convolutions.", "decoder.convolutions.")) and key.endswith(".weight_v"):
             continue                                    # handled with its weight_g
         else:
-            ours[key] = value
+            converted[key] = value
+    fairseq_key = {_our_key(key): key for key in converted}              # error messages name fairseq's keys
+    ours = {_our_key(key): value for key, value in converted.items()}
     if cfg.share_decoder_input_output_embed:
         embedding = ours["decoder.embed_tokens.weight"]
         if not torch.equal(ours.setdefault("decoder.fc3.weight", embedding), embedding):
@@ -223,7 +232,7 @@ def from_fairseq(checkpoint, *, src_dict=None, tgt_dict=None, backend: str = "au
     dtype = sd["encoder.embed_tokens.weight"].dtype
     model = ConvS2S.uninitialized(cfg, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
     expected = model.state_dict()
-    unexpected = sorted(set(ours) - set(expected))
+    unexpected = sorted(fairseq_key[key] for key in set(ours) - set(expected))
     if unexpected:
         raise ValueError(f"unexpected keys in the fairseq state dict for this architecture: {', '.join(unexpected)}")
     missing = sorted(set(expected) - set(ours))
@@ -231,8 +240,9 @@ def from_fairseq(checkpoint, *, src_dict=None, tgt_dict=None, backend: str = "au
         raise ValueError(f"keys missing from the fairseq state dict: {', '.join(missing)}")
     for key, value in ours.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} does not match the architecture's "
-                             f"{tuple(expected[key].shape)} (check the layer strings and embedding sizes)")
+            raise ValueError(f"{fairseq_key.get(key, key)}: checkpoint shape {tuple(value.shape)} does not match "
+                             f"the architecture's {tuple(expected[key].shape)} (check the layer strings and "
+                             "embedding sizes)")
     model.load_state_dict(ours, strict=True)
     return model.eval()
 

@@ -1,11 +1,16 @@
 """The ConvS2S model (Gehring et al. 2017), with fairseq fconv's exact semantics, in (B, T, C) layout.
 
-Read top to bottom: the config, the presets, the encoder, the decoder, the model. The two hot ops are calls into
-convs2s.ops (through convs2s.nn): glu_conv for every convolution block, conv_attention for each decoder layer's
-attention.
+Read top to bottom: the config, the presets, the encoder, the decoding state, the decoder layer, the decoder,
+the model. The hot ops are calls into convs2s.ops (through convs2s.nn for training): glu_conv for every
+convolution block, conv_attention for each decoder layer's attention, glu_conv_step for a decoder layer's conv
+one token at a time.
 
     src_tokens (B, Ts) -> Encoder -> keys z (B, Ts, E), values (z + e) * sqrt(0.5) (B, Ts, E), mask (B, Ts)
     prev_output_tokens (B, Tt) -> Decoder(keys, values, mask) -> logits (B, Tt, V_tgt)
+    tokens (B,) + DecoderState -> Decoder.step -> logits (B, V_tgt)              incremental decoding
+
+Each DecoderLayer computes itself over a whole prefix (forward) and one token at a time (step); the Decoder runs
+one loop over its layers for both.
 
 Layers are specified as fairseq does: (channels, kernel width[, residual distance]); residual distance 1 (the
 default) adds the previous layer's output, 2 the output of two layers back, 0 no residual; a weight-normalised
@@ -23,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .nn import ConvAttention, GLUConv1d, WNLinear
+from .ops import conv_attention, glu_conv_step, resolve_backend
 
 SQRT_HALF = math.sqrt(0.5)
 
@@ -61,6 +67,11 @@ class ConvS2SConfig:
                              f"(got {self.decoder_out_embed_dim} and {self.decoder_embed_dim})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for side, layers in (("encoder", self.encoder_layers), ("decoder", self.decoder_layers)):
+            for i, (_, _, res) in enumerate(layers):
+                if res > i + 1:                   # the first layer's input counts as the output of layer -1
+                    raise ValueError(f"{side} layer {i} has residual distance {res}, but only {i + 1} earlier "
+                                     "output(s) exist")
 
     def to_dict(self) -> dict:
         """Plain Python types only (checkpoints are loaded with torch.load(weights_only=True))."""
@@ -211,8 +222,129 @@ class Encoder(nn.Module):
         return EncoderOut(x, values, mask)
 
 
+@dataclass
+class LayerStepWeights:
+    """One DecoderLayer's weights for step(), in the compute dtype."""
+    conv_weight: torch.Tensor               # (k, C_in, 2*C) TBC, weight norm applied
+    conv_bias: torch.Tensor                 # (2*C,)
+    proj: tuple | None                      # (weight (C, C_res), bias (C,)) where the residual's width differs
+    attention: tuple | None                 # (w_in (E, C), b_in (E,), w_out (C, E), b_out (C,)) or None
+    conv_backend: str                       # the resolved backends of glu_conv_step and conv_attention
+    attention_backend: str
+
+
+@dataclass
+class StepWeights:
+    """A Decoder's weights for step(), from Decoder.prepare_step: weight norm applied and cast once.
+
+    Valid while the decoder's parameters stay as they are: prepare again after changing them. beam_search
+    prepares them per call unless it is given some (a caller translating many batches prepares once).
+    """
+    device: torch.device
+    dtype: torch.dtype                      # the compute dtype (see Decoder.step_dtype)
+    embed_tokens: torch.Tensor              # (V_tgt, E) parameter dtype: rows are cast after the lookup
+    embed_positions: torch.Tensor           # (max_target_positions + 1, E)
+    fc1: tuple                              # (weight (C_0, E), bias (C_0,))
+    layers: list                            # [LayerStepWeights] per decoder layer
+    fc2: tuple                              # (weight (E_out, C_L), bias (E_out,))
+    fc3: tuple                              # (weight (V_tgt, E_out), bias (V_tgt,))
+
+
+@dataclass
+class DecoderState:
+    """What Decoder.step needs besides the new token, for B rows (sentences or beams); Decoder.init_state makes it.
+
+    Row r's next token sits at position step + 1; reorder rows with Decoder.reorder_state.
+    """
+    weights: StepWeights
+    enc: EncoderOut                         # keys, values (B, Ts, E) in the compute dtype; padding_mask (B, Ts)
+                                            # bool, or None when no sentence has padding
+    conv_states: list                       # per layer (B, k-1, C_in): its last k-1 inputs, oldest first; None for k = 1
+    step: int = 0                           # tokens consumed so far
+
+    @property
+    def batch_size(self) -> int:
+        return self.enc.keys.shape[0]
+
+
+class DecoderLayer(nn.Module):
+    """One decoder layer: causal GLU conv -> attention (optional) -> + residual (optional), paper section 3.
+
+    in_channels C_in, channels C, kernel width k; residual_channels C_res, the width of the output
+    `residual_distance` layers back (a weight-normalised projection maps it to C where C_res != C); attention:
+    whether the layer attends to the source (embed_dim E is the attention width).
+
+    forward(x (B, Tt, C_in), target_embedding (B, Tt, E), enc, residual (B, Tt, C_res) or None, need_weights)
+      -> (y (B, Tt, C), attention (B, Tt, Ts) or None)                          over a whole prefix
+    step(x (B, C_in), target_embedding (B, E), enc, residual (B, C_res) or None, weights, conv_state,
+         need_weights) -> (y (B, C), attention (B, Ts) or None)                 one token per row
+      == the last position of forward() over the prefix; conv_state (B, k-1, C_in) holds the prefix's last k-1
+      inputs (None for k = 1) and is updated in place; weights: this layer's LayerStepWeights.
+    """
+
+    def __init__(self, in_channels: int, channels: int, kernel_size: int, *, residual_distance: int,
+                 residual_channels: int, attention: bool, embed_dim: int, dropout: float, backend: str):
+        super().__init__()
+        self.residual_distance = residual_distance
+        self.conv = GLUConv1d(in_channels, channels, kernel_size, causal=True, dropout=dropout, residual=False,
+                              backend=backend)
+        self.attention = ConvAttention(channels, embed_dim, backend=backend) if attention else None
+        needs_proj = residual_distance > 0 and residual_channels != channels
+        self.proj = WNLinear(residual_channels, channels) if needs_proj else None
+
+    def _block(self, x, residual, project, conv, attend):
+        """The layer's data flow, shared by forward and step: `project`, `conv` (with the residual fused where
+        no attention follows) and `attend` are the whole-prefix or the one-step computations."""
+        if residual is not None and self.proj is not None:
+            residual = project(residual)
+        if self.attention is None:
+            return conv(x, residual), None
+        x, attn = attend(conv(x, None))
+        if residual is not None:
+            x = (x + residual) * SQRT_HALF
+        return x, attn
+
+    def forward(self, x, target_embedding, enc: EncoderOut, residual=None, need_weights: bool = False):
+        def attend(h):
+            return self.attention(h, target_embedding, enc.keys, enc.values, enc.padding_mask,
+                                  need_weights=need_weights)
+        return self._block(x, residual, self.proj, self.conv, attend)
+
+    def step(self, x, target_embedding, enc: EncoderOut, residual, weights: LayerStepWeights,
+             conv_state: torch.Tensor | None, need_weights: bool = False):
+        def conv(h, res):
+            return glu_conv_step(h, conv_state, weights.conv_weight, weights.conv_bias, res,
+                                 backend=weights.conv_backend)                   # (B, C)
+
+        def attend(h):
+            out, attn = conv_attention(h[:, None], target_embedding[:, None], enc.keys, enc.values,
+                                       enc.padding_mask, *weights.attention, need_weights=need_weights,
+                                       backend=weights.attention_backend)       # (B, 1, C), (B, 1, Ts)
+            return out[:, 0], (attn[:, 0] if need_weights else None)
+        return self._block(x, residual, lambda r: F.linear(r, *weights.proj), conv, attend)
+
+    def prepare_step(self, dtype: torch.dtype, conv_backend: str, attention_backend: str) -> LayerStepWeights:
+        """This layer's weights for step(): weight norm applied, cast to `dtype`, detached."""
+        def linear(m):
+            return m.weight.detach().to(dtype), m.bias.detach().to(dtype)
+        attention = None if self.attention is None else (
+            linear(self.attention.in_projection) + linear(self.attention.out_projection))
+        return LayerStepWeights(
+            conv_weight=self.conv.weight.detach().to(dtype), conv_bias=self.conv.bias.detach().to(dtype),
+            proj=None if self.proj is None else linear(self.proj), attention=attention,
+            conv_backend=conv_backend, attention_backend=attention_backend)
+
+
 class Decoder(nn.Module):
-    """prev_output_tokens (B, Tt) + EncoderOut -> logits (B, Tt, V_tgt) [, per-layer attention (B, Tt, Ts)]."""
+    """prev_output_tokens (B, Tt) + EncoderOut -> logits (B, Tt, V_tgt) [, per-layer attention (B, Tt, Ts)].
+
+    Incremental decoding (eval mode, one token per row and call, O(1) in the prefix length):
+        state = decoder.init_state(enc)                       enc: EncoderOut of B rows
+        logits, attn = decoder.step(tokens, state)            tokens (B,) -> logits (B, V_tgt)
+        decoder.reorder_state(state, order)                   order (B',): the rows to keep, in that order
+    The first step takes BOS (position 1), the n-th the (n-1)-th generated token: step-by-step logits equal
+    decoder(prefix, enc)[:, -1] of the unpadded prefix.
+    """
 
     def __init__(self, cfg: ConvS2SConfig):
         super().__init__()
@@ -220,18 +352,15 @@ class Decoder(nn.Module):
         E, p = cfg.decoder_embed_dim, cfg.dropout
         self.embed_tokens = _embedding(cfg.tgt_vocab_size, E, cfg.pad_idx)
         self.embed_positions = _embedding(cfg.max_target_positions + 1, E, 0)
-        first = cfg.decoder_layers[0][0]
-        self.fc1 = WNLinear(E, first, dropout=p)
-        projs, widths = _residual_projections(first, cfg.decoder_layers)
-        self.projections = nn.ModuleList([pr if pr is not None else nn.Identity() for pr in projs])
-        self.has_projection = [pr is not None for pr in projs]
-        self.convolutions = nn.ModuleList([
-            GLUConv1d(c_in, c, k, causal=True, dropout=p, residual=False, backend=cfg.backend)
-            for c_in, (c, k, _) in zip(widths[:-1], cfg.decoder_layers)])
-        self.attention = nn.ModuleList([
-            ConvAttention(c, E, backend=cfg.backend) if a else nn.Identity()
-            for (c, _, _), a in zip(cfg.decoder_layers, cfg.decoder_attention)])
-        self.residual_distances = [res for _, _, res in cfg.decoder_layers]
+        widths = [cfg.decoder_layers[0][0]]                                       # outputs' widths, fc1's first
+        self.fc1 = WNLinear(E, widths[0], dropout=p)
+        layers = []
+        for (c, k, res), attention in zip(cfg.decoder_layers, cfg.decoder_attention):
+            layers.append(DecoderLayer(widths[-1], c, k, residual_distance=res,
+                                       residual_channels=widths[-res] if res > 0 else c, attention=attention,
+                                       embed_dim=E, dropout=p, backend=cfg.backend))
+            widths.append(c)
+        self.layers = nn.ModuleList(layers)
         self.fc2 = WNLinear(widths[-1], cfg.decoder_out_embed_dim)
         if cfg.share_decoder_input_output_embed:
             self.fc3 = nn.Linear(cfg.decoder_out_embed_dim, cfg.tgt_vocab_size)
@@ -239,6 +368,20 @@ class Decoder(nn.Module):
             self.fc3.weight = self.embed_tokens.weight
         else:
             self.fc3 = WNLinear(cfg.decoder_out_embed_dim, cfg.tgt_vocab_size, dropout=p)
+        self.register_load_state_dict_pre_hook(_upgrade_decoder_state_dict)
+
+    def _run_layers(self, x, run_layer):
+        """The loop over the layers, for forward and step: run_layer(i, layer, x, residual) -> (y, attention);
+        residual = the output `residual_distance` layers back (fc1's output counts as layer -1's), None for
+        distance 0. -> (the last layer's output, the attention layers' attentions)."""
+        outputs, attentions = [x], []
+        for i, layer in enumerate(self.layers):
+            d = layer.residual_distance
+            x, attn = run_layer(i, layer, x, outputs[-d] if d > 0 else None)
+            if layer.attention is not None:
+                attentions.append(attn)
+            outputs.append(x)
+        return x, attentions
 
     def forward(self, prev_output_tokens: torch.Tensor, enc: EncoderOut, return_attention: bool = False):
         cfg = self.cfg
@@ -246,44 +389,128 @@ class Decoder(nn.Module):
         x = F.dropout(x, p=cfg.dropout, training=self.training)                   # (B, Tt, E)
         target_embedding = x
         x = self.fc1(x)                                                           # (B, Tt, C_0)
-        residuals, attentions = [x], []
-        for conv, attn, has_attn, proj, has_proj, res in zip(
-                self.convolutions, self.attention, cfg.decoder_attention, self.projections, self.has_projection,
-                self.residual_distances):
-            residual = None
-            if res > 0:
-                residual = residuals[-res]
-                residual = proj(residual) if has_proj else residual
-            if not has_attn:
-                x = conv(x, residual)                                             # residual fused in the op
-            else:
-                x = conv(x, None)                                                 # (B, Tt, C_l)
-                x, a = attn(x, target_embedding, enc.keys, enc.values, enc.padding_mask,
-                            need_weights=return_attention)
-                attentions.append(a)
-                if residual is not None:
-                    x = (x + residual) * SQRT_HALF
-            residuals.append(x)
+        x, attentions = self._run_layers(x, lambda i, layer, x, residual: layer(
+            x, target_embedding, enc, residual, need_weights=return_attention))   # (B, Tt, C_L)
         x = self.fc2(x)                                                           # (B, Tt, E_out)
         x = F.dropout(x, p=cfg.dropout, training=self.training)
         logits = self.fc3(x)                                                      # (B, Tt, V_tgt)
         return (logits, attentions) if return_attention else logits
 
-    # Incremental decoding (inference, eval mode): one token per call, O(1) in the prefix length.
-    # The state and the step live in convs2s/incremental.py; these methods are its entry points.
-    def init_incremental_state(self, enc: EncoderOut):
-        from .incremental import init_state
-        return init_state(self, enc)
+    def step_dtype(self, device: torch.device | str) -> torch.dtype:
+        """The dtype step() computes in on `device`: autocast's where autocast is on there (fp64 excepted, which
+        autocast leaves alone, as the ops do), else the parameters'."""
+        dtype, device_type = self.embed_tokens.weight.dtype, torch.device(device).type
+        if torch.is_autocast_enabled(device_type) and dtype != torch.float64:
+            return torch.get_autocast_dtype(device_type)
+        return dtype
 
-    def forward_step(self, tokens: torch.Tensor, state, need_weights: bool = False):
-        """tokens (B,) newest decoder input per row -> (logits (B, V_tgt), per-layer attention (B, Ts) list)."""
-        from .incremental import forward_step
-        return forward_step(self, tokens, state, need_weights=need_weights)
+    @torch.no_grad()
+    def prepare_step(self, device: torch.device | str | None = None) -> StepWeights:
+        """The weights step() uses, weight norm applied and cast to step_dtype(device) once (under the autocast
+        setting the steps will run under). Costs about as much as a few steps (see beam_search)."""
+        if self.training:
+            raise RuntimeError("incremental decoding runs in eval mode (no dropout); call model.eval() first")
+        device = self.embed_tokens.weight.device if device is None else torch.device(device)
+        dtype = self.step_dtype(device)
+        conv_backend = resolve_backend("glu_conv_step", self.cfg.backend, device)
+        attention_backend = resolve_backend("conv_attention", self.cfg.backend, device)
 
-    def reorder_incremental_state(self, state, order: torch.Tensor):
-        """Keep the state's rows `order` (B',), in that order (beam search)."""
-        from .incremental import reorder_state
-        return reorder_state(state, order)
+        def linear(m):
+            return m.weight.detach().to(dtype), m.bias.detach().to(dtype)
+        return StepWeights(
+            device=device, dtype=dtype, embed_tokens=self.embed_tokens.weight.detach(),
+            embed_positions=self.embed_positions.weight.detach(), fc1=linear(self.fc1),
+            layers=[layer.prepare_step(dtype, conv_backend, attention_backend) for layer in self.layers],
+            fc2=linear(self.fc2), fc3=linear(self.fc3))
+
+    @torch.no_grad()
+    def init_state(self, enc: EncoderOut, weights: StepWeights | None = None) -> DecoderState:
+        """A fresh state for the B sentences `enc` describes; `weights` from prepare_step (default: prepared now)
+        may be shared by many states."""
+        device = enc.keys.device
+        weights = self.prepare_step(device) if weights is None else weights
+        if len(weights.layers) != len(self.layers):
+            raise ValueError(f"weights were prepared for {len(weights.layers)} decoder layers, this decoder has "
+                             f"{len(self.layers)}")
+        if weights.device != device or weights.dtype != self.step_dtype(device):
+            raise ValueError(f"weights were prepared for {weights.dtype} on {weights.device}, but steps on {device} "
+                             f"here run in {self.step_dtype(device)}: prepare them under the same device and "
+                             "autocast setting")
+        mask = enc.padding_mask
+        if mask is not None:
+            empty = mask.all(dim=1)
+            if bool(empty.any()):
+                raise ValueError(f"sentence(s) {empty.nonzero().flatten().tolist()} have no real source token")
+            if not bool(mask.any()):
+                mask = None                     # no padding: the ops skip the masking and take s = Ts
+        B = enc.keys.shape[0]
+        conv_states = [None if layer.conv.kernel_size == 1 else       # zeros: the causal conv's left padding
+                       enc.keys.new_zeros(B, layer.conv.kernel_size - 1, layer.conv.in_channels, dtype=weights.dtype)
+                       for layer in self.layers]
+        enc = EncoderOut(enc.keys.detach().to(weights.dtype), enc.values.detach().to(weights.dtype), mask)
+        return DecoderState(weights=weights, enc=enc, conv_states=conv_states)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, state: DecoderState, need_weights: bool = False):
+        """tokens (B,) or (B, 1), the newest decoder input per row -> (logits (B, V_tgt), attention).
+
+        attention: per attention layer the probabilities (B, Ts) when need_weights, else an empty list.
+        Advances `state` by one position (its conv states, in place, and its step count).
+        """
+        w = state.weights
+        tokens = tokens.reshape(-1)
+        if tokens.shape[0] != state.batch_size:
+            raise ValueError(f"tokens has {tokens.shape[0]} rows but the state has {state.batch_size}; "
+                             "reorder_state first")
+        position = state.step + 1
+        if position > self.cfg.max_target_positions:
+            raise ValueError(f"step {state.step} reaches position {position} > max_target_positions = "
+                             f"{self.cfg.max_target_positions}")
+        emb = (F.embedding(tokens, w.embed_tokens) + w.embed_positions[position]).to(w.dtype)   # (B, E)
+        x = F.linear(emb, *w.fc1)                                                 # (B, C_0)
+        x, attentions = self._run_layers(x, lambda i, layer, x, residual: layer.step(
+            x, emb, state.enc, residual, w.layers[i], state.conv_states[i], need_weights))     # (B, C_L)
+        x = F.linear(x, *w.fc2)                                                   # (B, E_out)
+        logits = F.linear(x, *w.fc3)                                              # (B, V_tgt)
+        state.step += 1
+        return logits, (attentions if need_weights else [])
+
+    def reorder_state(self, state: DecoderState, order: torch.Tensor, *, same_sources: bool = False) -> DecoderState:
+        """Keep rows `order` (B',) int64 of the state, in that order (beam reordering, finished sentences).
+
+        With B' == B the conv states are reordered in place (the same tensors), else replaced by new ones.
+        same_sources: the caller knows each kept row keeps its encoder output (beams of one sentence reordered
+        among themselves share it), so the encoder tensors are left as they are.
+        """
+        if order.shape[0] == state.batch_size:
+            for conv_state in state.conv_states:
+                if conv_state is not None:
+                    conv_state.copy_(conv_state.index_select(0, order))
+        else:
+            state.conv_states = [None if s is None else s.index_select(0, order) for s in state.conv_states]
+        if not same_sources:
+            state.enc = EncoderOut(*(None if t is None else t.index_select(0, order) for t in state.enc))
+        return state
+
+
+def upgrade_decoder_key(key: str) -> str:
+    """A decoder state-dict key (relative to the decoder) of the layout before DecoderLayer -> today's:
+    convolutions.N.* -> layers.N.conv.*, attention.N.* -> layers.N.attention.*, projections.N.* ->
+    layers.N.proj.* (fairseq's fconv uses the old layout). Other keys are returned unchanged."""
+    head, _, rest = key.partition(".")
+    new = {"convolutions": "conv", "attention": "attention", "projections": "proj"}.get(head)
+    index, _, leaf = rest.partition(".")
+    if new is None or not index.isdigit() or not leaf:
+        return key
+    return f"layers.{index}.{new}.{leaf}"
+
+
+def _upgrade_decoder_state_dict(module, state_dict, prefix, *_):
+    """load_state_dict pre-hook: renames keys of the old decoder layout (see upgrade_decoder_key) in place."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = prefix + upgrade_decoder_key(key[len(prefix):])
+        if new != key:
+            state_dict[new] = state_dict.pop(key)
 
 
 class ConvS2S(nn.Module):

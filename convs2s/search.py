@@ -23,8 +23,15 @@ the two agree; with max_len_a != 0 they agree for batches of one sentence, and i
 gets the hypotheses fairseq gives it alone. For fairseq's batch-wide limit, pass
 max_len=int(max_len_a * src_tokens.shape[1] + max_len_b).
 
-incremental=True steps the decoder with convs2s.incremental (O(1) per token); False recomputes the decoder over
-the whole prefix at every step (the bentrevett notebook's way: O(T) per token), kept for comparison and tests.
+incremental=True steps the decoder with Decoder.step (O(1) per token); False recomputes the decoder over the whole
+prefix at every step (the bentrevett notebook's way: O(T) per token), kept for comparison and tests.
+
+The step weights (weight norm applied, cast to the compute dtype) are prepared once per call from the current
+parameters, so a search never sees stale weights. Preparing the multi30k preset's costs about as much as
+PREPARE_COST decoding steps (see below); a caller translating many batches passes
+step_weights=model.decoder.prepare_step(device) (under the autocast setting of the search) to pay it once.
+
+Non-finite logits (a diverged model) raise FloatingPointError; a batch of 0 sentences gives [].
 """
 
 from __future__ import annotations
@@ -35,8 +42,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .incremental import forward_step, freeze, init_state, reorder_state
-from .model import EncoderOut
+from .model import EncoderOut, StepWeights
 
 
 class Hypothesis(NamedTuple):
@@ -47,27 +53,27 @@ class Hypothesis(NamedTuple):
 
 
 class _IncrementalStepper:
-    """Rows of decoder state advanced one token at a time (convs2s.incremental)."""
+    """Rows of decoder state advanced one token at a time (Decoder.step)."""
 
-    def __init__(self, decoder, enc: EncoderOut):
+    def __init__(self, decoder, enc: EncoderOut, weights: StepWeights | None):
         self.decoder = decoder
-        self.state = init_state(decoder, enc, freeze(decoder, enc.keys.device))
+        self.state = decoder.init_state(enc, weights)
 
     def step(self, tokens: torch.Tensor, need_attention: bool):
         """tokens (N,) -> logits (N, V), attention (N, n_attention_layers, Ts) or None."""
-        logits, attn = forward_step(self.decoder, tokens, self.state, need_weights=need_attention)
+        logits, attn = self.decoder.step(tokens, self.state, need_weights=need_attention)
         if not need_attention:
             return logits, None
-        return logits, _stack_layers(attn, self.state.keys)
+        return logits, _stack_layers(attn, self.state.enc.keys)
 
     def reorder(self, order: torch.Tensor, same_sources: bool) -> None:
-        reorder_state(self.state, order, windows_only=same_sources)
+        self.decoder.reorder_state(self.state, order, same_sources=same_sources)
 
 
 class _FullStepper:
     """The decoder run over the whole prefix at every step, keeping the last position's output."""
 
-    def __init__(self, decoder, enc: EncoderOut):
+    def __init__(self, decoder, enc: EncoderOut, weights: StepWeights | None):
         self.decoder, self.enc, self.prefix = decoder, enc, None
 
     def step(self, tokens: torch.Tensor, need_attention: bool):
@@ -105,11 +111,14 @@ def max_lengths(src_lengths: torch.Tensor, max_len_a: float, max_len_b: int, min
 def beam_search(model, src_tokens: torch.Tensor, src_lengths: torch.Tensor | None = None, *, beam: int = 5,
                 max_len_a: float = 1.2, max_len_b: int = 10, max_len: torch.Tensor | int | None = None,
                 min_len: int | torch.Tensor = 1, len_penalty: float = 1.0, nbest: int = 1,
-                incremental: bool = True, need_attention: bool = False) -> list[list[Hypothesis]]:
+                incremental: bool = True, need_attention: bool = False,
+                step_weights: StepWeights | None = None) -> list[list[Hypothesis]]:
     """Per sentence of src_tokens (B, Ts) (right- or left-padded ids + EOS), at most `nbest` hypotheses, best first.
 
     src_lengths (B,) real source lengths (None: counted from the padding); max_len (B,) or int overrides
     max_len_a/b; min_len int or (B,) tokens before EOS may be generated. The model is run in eval mode.
+    step_weights: model.decoder.prepare_step(...) of the current parameters, for incremental decoding (default:
+    prepared in this call). Raises FloatingPointError where the model's logits are NaN/inf.
     """
     if beam < 1 or not 1 <= nbest <= beam:
         raise ValueError(f"need beam >= 1 and 1 <= nbest <= beam, got beam={beam}, nbest={nbest}")
@@ -117,17 +126,19 @@ def beam_search(model, src_tokens: torch.Tensor, src_lengths: torch.Tensor | Non
     model.eval()
     try:
         return _search(model, src_tokens, src_lengths, beam, max_len_a, max_len_b, max_len, min_len, len_penalty,
-                       nbest, incremental, need_attention)
+                       nbest, incremental, need_attention, step_weights)
     finally:
         model.train(was_training)
 
 
 def _search(model, src_tokens, src_lengths, K, max_len_a, max_len_b, max_len, min_len, len_penalty, nbest,
-            incremental, need_attention):
+            incremental, need_attention, step_weights):
     cfg = model.config
     pad, bos, eos = cfg.pad_idx, cfg.bos_idx, cfg.eos_idx
     device = src_tokens.device
     B = src_tokens.shape[0]
+    if B == 0:
+        return []
     if src_lengths is None:
         src_lengths = src_tokens.ne(pad).sum(dim=1)
     limit = cfg.max_target_positions - 1                                        # decoder input = BOS + tokens
@@ -139,7 +150,7 @@ def _search(model, src_tokens, src_lengths, K, max_len_a, max_len_b, max_len, mi
     enc = model.encode(src_tokens)
     rows = torch.arange(B, device=device).repeat_interleave(K)                 # (B*K,) beam rows -> sentence
     enc = EncoderOut(*(t.index_select(0, rows) for t in enc))
-    stepper = (_IncrementalStepper if incremental else _FullStepper)(model.decoder, enc)
+    stepper = (_IncrementalStepper if incremental else _FullStepper)(model.decoder, enc, step_weights)
 
     sent = list(range(B))                                                       # active row block -> sentence
     row_max, row_min = max_lens[rows], min_lens[rows]                           # (N,) per row, N = len(sent) * K
@@ -174,6 +185,13 @@ def _search(model, src_tokens, src_lengths, K, max_len_a, max_len_b, max_len, mi
         if ignored is None and n_cand - (1 if step == 0 else K) < K:
             ignored = torch.zeros(n, K, dtype=torch.bool, device=device)
         top_scores, top_idx = cand.view(n, K * V).topk(n_cand, dim=1)           # (n, k)
+        # A NaN/inf logit makes its row's log-probabilities NaN, which topk ranks first: checking the (n, k)
+        # candidates finds any. Unchecked, no hypothesis ever ends and the sentence gets none.
+        nan = top_scores.isnan().any(dim=1)
+        if bool(nan.any()):
+            bad = [sent[i] for i in nan.nonzero().flatten().tolist()]
+            raise FloatingPointError(f"the model produced NaN/inf logits at step {step} for sentence(s) {bad} "
+                                     "(a diverged model or a non-finite weight): no hypothesis can be scored")
         top_tok = top_idx % V
         top_rows = top_idx // V + torch.arange(n, device=device)[:, None] * K   # (n, k) row in [0, N)
         # fairseq's eos_mask: EOS with a finite score; an ignored slot among the first K neither ends nor goes on.

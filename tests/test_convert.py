@@ -242,8 +242,8 @@ def test_incremental_decoding_matches_full_forward():
     src, prev = _batch(seed=6)
     with torch.no_grad():
         full = model(src, None, prev)
-        state = model.decoder.init_incremental_state(model.encode(src))
-        steps = [model.decoder.forward_step(prev[:, t], state)[0] for t in range(prev.shape[1])]
+        state = model.decoder.init_state(model.encode(src))
+        steps = [model.decoder.step(prev[:, t], state)[0] for t in range(prev.shape[1])]
     torch.testing.assert_close(torch.stack(steps, dim=1), full, rtol=0, atol=1e-10)
 
 

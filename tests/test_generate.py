@@ -1,9 +1,10 @@
 """Incremental decoding, beam search and attention plots.
 
 Incremental == full forward for every preset (fp64 to 1e-10, fp32 to 1e-5, sentences leaving the batch at
-different steps); the step's k = 1 formulation of the causal conv on every backend here; beam = 1 == greedy argmax
-of the full forward; a beam wide enough to hold every candidate == exhaustive search (every hypothesis and its
-score); scores agree with the model; n-best order, lengths, EOS; the plot writes a PNG.
+different steps); a DecoderLayer's step == the last position of its forward on every backend here; beam = 1 ==
+greedy argmax of the full forward; a beam wide enough to hold every candidate == exhaustive search (every
+hypothesis and its score); scores agree with the model; n-best order, lengths, EOS; step weights follow the
+parameters; fp64 under autocast, NaN logits and empty batches; the plot writes a PNG.
 """
 
 import itertools
@@ -13,9 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convs2s.incremental import freeze, init_state
-from convs2s.model import PRESETS, ConvS2S
-from convs2s.ops import _backend, glu_conv
+from convs2s.model import PRESETS, ConvS2S, DecoderLayer, EncoderOut
+from convs2s.ops import BackendUnavailableError, available_backends, resolve_backend
 from convs2s.search import beam_search
 from tests.tolerance import assert_close_rule
 
@@ -49,16 +49,16 @@ def step_through(model, src, tgt, lengths):
     """Step the decoder over tgt (B, T) (BOS first), sentence b leaving the batch after lengths[b] inputs; the
     surviving rows are reversed at every drop, to exercise the reorder. -> {b: (lengths[b], V) logits}."""
     enc = model.encode(src)
-    state = model.decoder.init_incremental_state(enc)
+    state = model.decoder.init_state(enc)
     rows = list(range(src.shape[0]))                              # state row -> sentence
     out = {b: [] for b in rows}
     for t in range(max(lengths)):
-        logits, _ = model.decoder.forward_step(tgt[rows, t].to(src.device), state)
+        logits, _ = model.decoder.step(tgt[rows, t].to(src.device), state)
         for r, b in enumerate(rows):
             out[b].append(logits[r])
         keep = [r for r, b in enumerate(rows) if lengths[b] > t + 1][::-1]
         if len(keep) < len(rows):
-            model.decoder.reorder_incremental_state(state, torch.tensor(keep, dtype=torch.long, device=src.device))
+            model.decoder.reorder_state(state, torch.tensor(keep, dtype=torch.long, device=src.device))
             rows = [rows[r] for r in keep]
     return {b: torch.stack(v) for b, v in out.items()}
 
@@ -104,8 +104,8 @@ def test_incremental_under_autocast():
         ref64 = model64(src, None, tgt)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             full = model(src, None, tgt)
-            state = init_state(model.decoder, model.encode(src))
-            assert state.keys.dtype == torch.bfloat16 and state.weights.dtype == torch.bfloat16
+            state = model.decoder.init_state(model.encode(src))
+            assert state.enc.keys.dtype == torch.bfloat16 and state.weights.dtype == torch.bfloat16
             steps = step_through(model, src, tgt, lengths)
     for b, n in enumerate(lengths):
         assert_close_rule(f"sentence {b}", steps[b].float(), full[b, :n].float(), ref64[b, :n], torch.bfloat16)
@@ -159,33 +159,53 @@ def test_incremental_tied_embeddings_without_attention():
 
 
 def fused_backends():
+    """The fused backends, each skipped where it cannot run both decoding ops (glu_conv_step, conv_attention) here."""
     out = []
     for b in ("triton", "native"):
-        reason = _backend.why_not(b, "cpu")
-        if reason is None and (_backend._lookup("glu_conv", b) is None or _backend._lookup("conv_attention", b) is None):
-            reason = f"{b} does not implement both ops yet"
+        reason = available_backends("cpu")[b]
+        if reason is None:
+            try:
+                for op in ("glu_conv_step", "conv_attention"):
+                    resolve_backend(op, b, "cpu")
+            except BackendUnavailableError as e:
+                reason = str(e)
         out.append(pytest.param(b, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
     return out
 
 
 @pytest.mark.parametrize("backend", ["reference"] + fused_backends())
-@pytest.mark.parametrize("k,c_in,c_out,residual", [(3, 24, 16, True), (2, 16, 32, False), (1, 16, 16, True)])
-def test_step_formulation_is_the_causal_conv_last_step(backend, k, c_in, c_out, residual):
-    """glu_conv with k = 1 on the flattened window (B, 1, k*C_in) == the causal conv's last step on (B, k, C_in)."""
+@pytest.mark.parametrize("k,c_in,c_out,res_dim,attention", [
+    (3, 24, 16, 24, True),            # projected residual, attention after the conv
+    (3, 16, 16, 16, False),           # residual fused in the conv
+    (2, 16, 32, None, True),          # even kernel, no residual
+    (1, 16, 16, 8, False)])           # k = 1 (no conv state), projected residual from two layers back
+def test_layer_step_is_the_last_position_of_its_forward(backend, k, c_in, c_out, res_dim, attention):
+    """DecoderLayer.step over a prefix, token by token == DecoderLayer.forward over the whole prefix."""
     dtype = torch.float64 if backend == "reference" else torch.float32
-    B = 5
-    window = torch.randn(B, k, c_in, dtype=dtype)
-    weight = torch.randn(k, c_in, 2 * c_out, dtype=dtype) / math.sqrt(k * c_in)
-    bias = torch.randn(2 * c_out, dtype=dtype)
-    res = torch.randn(B, 1, c_out, dtype=dtype) if residual else None
-    causal = glu_conv(window, weight, bias, None, causal=True, backend="reference")[:, -1:]
-    if res is not None:
-        causal = (causal + res) * math.sqrt(0.5)
-    step = glu_conv(window.reshape(B, 1, k * c_in), weight.reshape(1, k * c_in, 2 * c_out), bias, res,
-                    causal=True, backend=backend)
-    err = (step - causal).abs().max().item()
-    print(f"{backend} k={k}: max error {err:.3e}")
-    assert err <= TOL[dtype]
+    B, T, E, Ts = 3, 5, 8, 6
+    torch.manual_seed(0)
+    layer = DecoderLayer(c_in, c_out, k, residual_distance=0 if res_dim is None else 1,
+                         residual_channels=res_dim or c_out, attention=attention, embed_dim=E, dropout=0.0,
+                         backend=backend).to(dtype).eval()
+    x, emb = torch.randn(B, T, c_in, dtype=dtype), torch.randn(B, T, E, dtype=dtype)
+    residual = None if res_dim is None else torch.randn(B, T, res_dim, dtype=dtype)
+    mask = torch.arange(Ts)[None] >= torch.tensor([[6], [2], [4]])
+    enc = EncoderOut(torch.randn(B, Ts, E, dtype=dtype), torch.randn(B, Ts, E, dtype=dtype), mask)
+    with torch.no_grad():
+        full, full_attn = layer(x, emb, enc, residual, need_weights=True)
+        weights = layer.prepare_step(dtype, resolve_backend("glu_conv_step", backend, "cpu"),
+                                     resolve_backend("conv_attention", backend, "cpu"))
+        conv_state = torch.zeros(B, k - 1, c_in, dtype=dtype) if k > 1 else None
+        for t in range(T):
+            y, attn = layer.step(x[:, t], emb[:, t], enc, None if residual is None else residual[:, t], weights,
+                                 conv_state, need_weights=True)
+            err = (y - full[:, t]).abs().max().item()
+            print(f"{backend} k={k} t={t}: max error {err:.3e}")
+            assert err <= TOL[dtype]
+            if attention:
+                torch.testing.assert_close(attn, full_attn[:, t], rtol=0, atol=TOL[dtype])
+            else:
+                assert attn is None and full_attn is None
 
 
 @pytest.mark.parametrize("backend", fused_backends())
@@ -364,23 +384,123 @@ def test_bad_arguments_and_training_mode():
         beam_search(model, source([3]), beam=2, nbest=3)
     model.train()
     with pytest.raises(RuntimeError, match="eval mode"):
-        freeze(model.decoder)
+        model.decoder.prepare_step()
     beam_search(model, source([3]), beam=2)                        # the search switches to eval and back
     assert model.training
 
 
-def test_frozen_weights_are_cached_until_a_parameter_changes():
+def test_steps_follow_in_place_parameter_updates():
+    """The step weights are prepared from the parameters as they are (an optimizer step changes them in place)."""
     model = model_for("tiny", torch.float64)
-    first = freeze(model.decoder)
-    assert freeze(model.decoder) is first
     src, tgt = source([4]), torch.tensor([[BOS, 5]])
+    before = step_through(model, src, tgt, [2])[0]
     with torch.no_grad():
-        model.decoder.convolutions[1].weight_v.mul_(1.5)          # in place, as an optimizer step
+        model.decoder.layers[1].conv.weight_v.mul_(1.5)           # in place, as an optimizer step
         model.decoder.fc3.bias.add_(0.25)
         full = model(src, None, tgt)
-    assert freeze(model.decoder) is not first
+    assert not torch.allclose(before, full)
     steps = step_through(model, src, tgt, [2])
     torch.testing.assert_close(steps[0], full[0], rtol=0, atol=1e-10)
+
+
+def test_search_follows_weights_copied_through_data():
+    """Writes through p.data (EMA, weight swapping, averaged checkpoints) do not bump a tensor's _version: the
+    search must still decode with the new weights, exactly as a model built with them does."""
+    model = model_for("tiny", torch.float64, tgt_vocab=12)
+    torch.manual_seed(1)
+    other = ConvS2S.from_preset("tiny", 30, 12, backend="reference").double().eval()
+    src = source([6, 3, 5])
+    before = beam_search(model, src, beam=3, nbest=3)
+    for p, q in zip(model.parameters(), other.parameters()):
+        p.data.copy_(q.data)
+    want = beam_search(other, src, beam=3, nbest=3)
+    got = beam_search(model, src, beam=3, nbest=3)
+    assert [[h.tokens.tolist() for h in hs] for hs in before] != [[h.tokens.tolist() for h in hs] for hs in want]
+    for hg, hw in zip(got, want):
+        assert [h.tokens.tolist() for h in hg] == [h.tokens.tolist() for h in hw]
+        assert [h.score for h in hg] == pytest.approx([h.score for h in hw], abs=1e-10)
+
+
+def test_prepared_step_weights_are_used_and_checked(monkeypatch):
+    """beam_search(step_weights=...) decodes with the weights it is given (prepared once for many batches)
+    without preparing again, and refuses weights prepared for another compute dtype."""
+    model = model_for("tiny", torch.float32, tgt_vocab=12)
+    src = source([6, 3, 5])
+    weights = model.decoder.prepare_step()
+    want = beam_search(model, src, beam=3, nbest=3)
+    monkeypatch.setattr(model.decoder, "prepare_step", lambda *a, **k: pytest.fail("prepared again"))
+    got = beam_search(model, src, beam=3, nbest=3, step_weights=weights)
+    assert [[(h.tokens.tolist(), h.score) for h in hs] for hs in got] == \
+        [[(h.tokens.tolist(), h.score) for h in hs] for hs in want]
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="prepared for torch.float32"):
+        beam_search(model, src, beam=3, step_weights=weights)
+
+
+def test_float64_model_under_autocast_decodes_in_float64():
+    """autocast leaves fp64 alone (torch's rule, the ops' too): an fp64 model's steps under CPU bf16 autocast
+    stay fp64, and incremental and full-recompute search agree as they do without autocast."""
+    model = model_for("tiny", torch.float64, tgt_vocab=12)
+    src = source([6, 2, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.decoder.init_state(model.encode(src)).weights.dtype == torch.float64
+        inc = beam_search(model, src, beam=4, nbest=4, need_attention=True)
+        full = beam_search(model, src, beam=4, nbest=4, need_attention=True, incremental=False)
+    for hi, hf in zip(inc, full):
+        assert [h.tokens.tolist() for h in hi] == [h.tokens.tolist() for h in hf]
+        for a, b in zip(hi, hf):
+            assert a.score == pytest.approx(b.score, abs=1e-10)
+            torch.testing.assert_close(a.attention, b.attention, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["incremental", "full-recompute"])
+@pytest.mark.parametrize("beam", [1, 3])
+def test_non_finite_logits_are_an_error(incremental, beam):
+    """A diverged model (a NaN weight) gives NaN logits: the search says so instead of returning no hypotheses."""
+    model = model_for("tiny", torch.float32, tgt_vocab=12)
+    with torch.no_grad():
+        model.decoder.fc2.weight_v[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"NaN/inf logits at step 0 for sentence\(s\) \[0, 1\]"):
+        beam_search(model, source([5, 3]), beam=beam, incremental=incremental)
+    with torch.no_grad():
+        model.decoder.fc2.weight_v[0, 0] = 0.0
+        model.decoder.fc3.bias[7] = float("inf")
+    with pytest.raises(FloatingPointError, match="NaN/inf logits"):
+        beam_search(model, source([5, 3]), beam=beam, incremental=incremental)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fused_backends())
+def test_batch_of_zero_sentences(backend):
+    """B = 0 is defined: encode gives empty tensors, the decoder empty logits (forward and step), search []."""
+    model = model_for("tiny", torch.float32, backend=backend)
+    src = torch.zeros(0, 5, dtype=torch.long)
+    with torch.no_grad():
+        enc = model.encode(src)
+        assert [tuple(t.shape) for t in enc] == [(0, 5, 16), (0, 5, 16), (0, 5)]
+        assert model(src, None, torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, 40)
+        state = model.decoder.init_state(enc)
+        logits, attn = model.decoder.step(torch.zeros(0, dtype=torch.long), state, need_weights=True)
+    assert logits.shape == (0, 40) and [tuple(a.shape) for a in attn] == [(0, 5), (0, 5)]
+    for incremental in (True, False):
+        assert beam_search(model, src, beam=3, incremental=incremental) == []
+
+
+def test_reorder_state_in_place_for_beams_new_tensors_when_rows_leave():
+    model = model_for("tiny", torch.float64)
+    src = source([5, 4, 3])
+    state = model.decoder.init_state(model.encode(src))
+    model.decoder.step(torch.full((3,), BOS), state)
+    before = [s.clone() for s in state.conv_states if s is not None]
+    ptrs = [s.data_ptr() for s in state.conv_states if s is not None]
+    order = torch.tensor([2, 0, 1])
+    model.decoder.reorder_state(state, order)
+    after = [s for s in state.conv_states if s is not None]
+    assert [s.data_ptr() for s in after] == ptrs                    # same tensors: reordered in place
+    for b, a in zip(before, after):
+        assert torch.equal(a, b[order])
+    keys = state.enc.keys.clone()
+    model.decoder.reorder_state(state, torch.tensor([1]))           # two sentences finished
+    assert [tuple(s.shape[:1]) for s in state.conv_states if s is not None] == [(1,)] * len(ptrs)
+    assert torch.equal(state.enc.keys, keys[1:2]) and state.enc.padding_mask.shape == (1, 5)
 
 
 def test_plot_attention_writes_png(tmp_path):

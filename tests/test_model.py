@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from convs2s.model import PRESETS, ConvS2S, ConvS2SConfig, GradMultiply, positions
+from convs2s.model import PRESETS, ConvS2S, ConvS2SConfig, GradMultiply, positions, upgrade_decoder_key
 from convs2s.nn import GLUConv1d, WNLinear
 
 PAD = 1
@@ -147,6 +147,58 @@ def test_residual_distance_and_projection_layout():
     # layer 1: residual 8 -> 12 needs a projection; layer 2: from two back (width 8) -> 12; layer 3: none
     assert m.encoder.has_projection == [False, True, True, False]
     assert m.encoder.residual_distances == [1, 1, 2, 0]
+    m = ConvS2S(ConvS2SConfig(src_vocab_size=10, tgt_vocab_size=10, decoder_layers=cfg.encoder_layers))
+    assert [layer.proj is not None for layer in m.decoder.layers] == [False, True, True, False]
+    assert [layer.residual_distance for layer in m.decoder.layers] == [1, 1, 2, 0]
+
+
+@pytest.mark.parametrize("side", ["encoder", "decoder"])
+def test_residual_distance_beyond_the_first_layer_is_an_error(side):
+    with pytest.raises(ValueError, match=f"{side} layer 1 has residual distance 3, but only 2 earlier output"):
+        ConvS2SConfig(src_vocab_size=10, tgt_vocab_size=10, **{f"{side}_layers": [(8, 3), (8, 3, 3)]})
+
+
+def old_decoder_layout(state_dict):
+    """A state dict in the decoder layout before DecoderLayer (fairseq's): convolutions.N, attention.N,
+    projections.N side by side."""
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[:2] == ["decoder", "layers"]:
+            old = {"conv": "convolutions", "attention": "attention", "proj": "projections"}[parts[3]]
+            key = ".".join(["decoder", old, parts[2]] + parts[4:])
+        out[key] = value
+    return out
+
+
+def test_upgrade_decoder_key():
+    assert upgrade_decoder_key("convolutions.3.weight_v") == "layers.3.conv.weight_v"
+    assert upgrade_decoder_key("attention.0.in_projection.bias") == "layers.0.attention.in_projection.bias"
+    assert upgrade_decoder_key("projections.12.weight_g") == "layers.12.proj.weight_g"
+    for key in ("fc1.weight_v", "embed_tokens.weight", "layers.1.conv.bias", "attention.x.bias"):
+        assert upgrade_decoder_key(key) == key
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_old_decoder_layout_checkpoint_loads(tied):
+    """Checkpoints saved before DecoderLayer (decoder.convolutions.N, decoder.attention.N, decoder.projections.N)
+    load strictly into today's layout and give the same outputs."""
+    over = dict(share_decoder_input_output_embed=True, decoder_out_embed_dim=16) if tied else {}
+    ref = ConvS2S.from_preset("tiny", 20, 24, dropout=0.0, **over).double().eval()
+    old = old_decoder_layout(ref.state_dict())
+    assert "decoder.projections.1.weight_v" in old and "decoder.convolutions.2.bias" in old
+    assert "decoder.attention.2.out_projection.weight_g" in old and not any(".layers." in k for k in old)
+    model = ConvS2S.uninitialized(ref.config, dtype=torch.float64)
+    model.load_state_dict(old, strict=True)
+    decoder = ConvS2S.uninitialized(ref.config, dtype=torch.float64).decoder
+    decoder.load_state_dict({k[len("decoder."):]: v for k, v in old.items() if k.startswith("decoder.")})
+    src = torch.randint(4, 20, (2, 7))
+    src[:, -1] = 2
+    prev = torch.randint(4, 24, (2, 5))
+    with torch.no_grad():
+        want = ref(src, None, prev)
+        assert torch.equal(model.eval()(src, None, prev), want)
+        assert torch.equal(decoder.eval()(prev, ref.encode(src)), want)
 
 
 def test_config_round_trips_through_plain_dict():

@@ -337,13 +337,6 @@ def _dot_args(dtype) -> dict:
     return {"DOT_FP32": INTERPRET and dtype == torch.bfloat16, "INPUT_PRECISION": precision}
 
 
-def _device_guard(t):
-    import contextlib
-
-    import torch
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _check(x, weight, bias, residual):
     B, T, C_in = x.shape
     k, w_in, c2 = weight.shape
@@ -360,24 +353,26 @@ def glu_conv_fwd(x, weight, bias=None, residual=None, causal: bool = False, *, s
     """x (B, T, C_in), weight (k, C_in, 2*C_out), bias (2*C_out,) | None, residual (B, T, C_out) | None; any strides.
 
     Returns (y (B, T, C_out) or None, h (B, T, 2*C_out) or None): y if store_y, the pre-GLU activation
-    h = conv(x) + bias (in x's dtype) if store_h. Both contiguous.
+    h = conv(x) + bias (in x's dtype) if store_h. Both contiguous. Launches on the current CUDA device (the
+    binding sets it to x's).
     """
     import torch
     B, T, C_in, C_out, k = _check(x, weight, bias, residual)
     M = B * T
     y = torch.empty(B, T, C_out, device=x.device, dtype=x.dtype) if store_y else None
     h = torch.empty(B, T, 2 * C_out, device=x.device, dtype=x.dtype) if store_h else None
+    if M == 0:                                  # B = 0: empty outputs, nothing to launch
+        return y, h
     res_strides = residual.stride() if residual is not None else (0, 0, 0)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(C_out, META["BLOCK_N"]),)  # noqa: E731
-    with _device_guard(x):
-        _fwd_kernel[grid](
-            x, weight, bias if bias is not None else x, residual if residual is not None else x,
-            y if y is not None else x, h if h is not None else x,
-            M, T, C_in, C_out, triton.next_power_of_2(M),
-            *x.stride(), *weight.stride(), *res_strides,
-            KSIZE=k, PAD_L=_pad_left(k, causal), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-            STORE_Y=store_y, STORE_H=store_h, **_dot_args(x.dtype),
-        )
+    _fwd_kernel[grid](
+        x, weight, bias if bias is not None else x, residual if residual is not None else x,
+        y if y is not None else x, h if h is not None else x,
+        M, T, C_in, C_out, triton.next_power_of_2(M),
+        *x.stride(), *weight.stride(), *res_strides,
+        KSIZE=k, PAD_L=_pad_left(k, causal), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        STORE_Y=store_y, STORE_H=store_h, **_dot_args(x.dtype),
+    )
     return y, h
 
 
@@ -432,7 +427,8 @@ def glu_conv_bwd(dy, x, weight, bias, h, has_residual: bool, causal: bool, *, ne
     contiguous, or None to recompute it (one more implicit GEMM).
 
     Returns (dx (B, T, C_in), dweight (k, C_in, 2*C_out), dbias (2*C_out,), dresidual (B, T, C_out)), each None
-    where not asked for (dbias also when bias is None, dresidual when there was no residual).
+    where not asked for (dbias also when bias is None, dresidual when there was no residual). Launches on the
+    current CUDA device (the binding sets it to x's).
     """
     import torch
     B, T, C_in, C_out, k = _check(x, weight, bias, None)
@@ -445,49 +441,53 @@ def glu_conv_bwd(dy, x, weight, bias, h, has_residual: bool, causal: bool, *, ne
         _, h = glu_conv_fwd(x, weight, bias, None, causal, store_h=True, store_y=False)
     assert h.is_contiguous() and tuple(h.shape) == (B, T, 2 * C_out)
 
-    with _device_guard(x):
-        dh = torch.empty(B, T, 2 * C_out, device=x.device, dtype=x.dtype)
-        dres = torch.empty(B, T, C_out, device=x.device, dtype=x.dtype) if need_dres else None
-        # An elementwise pass (memory-bound): 32 x 128 tiles, 4 warps (32 elements per thread per tensor); the db
-        # partials get one row per 32 positions (1 MiB of fp32 at M = 8192, 2*C_out = 1024).
-        bm = 32
-        bn = 32 if INTERPRET else 128
-        dbp = torch.empty(triton.cdiv(M, bm), 2 * C_out, device=x.device, dtype=torch.float32) if need_db else None
-        _glu_bwd_kernel[(triton.cdiv(M, bm), triton.cdiv(C_out, bn))](
-            dy, h, dh, dres if dres is not None else dh, dbp if dbp is not None else dh,
-            M, T, C_out, *dy.stride(),
-            HAS_RES=has_residual, STORE_DB=need_db, STORE_DRES=need_dres, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+    if M == 0:                                  # B = 0: empty dx and dresidual, zero dweight and dbias
+        zeros = lambda *shape: torch.zeros(*shape, device=x.device, dtype=x.dtype)  # noqa: E731
+        return (zeros(B, T, C_in) if need_dx else None, zeros(k, C_in, 2 * C_out) if need_dw else None,
+                zeros(2 * C_out) if need_db else None, zeros(B, T, C_out) if need_dres else None)
+
+    dh = torch.empty(B, T, 2 * C_out, device=x.device, dtype=x.dtype)
+    dres = torch.empty(B, T, C_out, device=x.device, dtype=x.dtype) if need_dres else None
+    # An elementwise pass (memory-bound): 32 x 128 tiles, 4 warps (32 elements per thread per tensor); the db
+    # partials get one row per 32 positions (1 MiB of fp32 at M = 8192, 2*C_out = 1024).
+    bm = 32
+    bn = 32 if INTERPRET else 128
+    dbp = torch.empty(triton.cdiv(M, bm), 2 * C_out, device=x.device, dtype=torch.float32) if need_db else None
+    _glu_bwd_kernel[(triton.cdiv(M, bm), triton.cdiv(C_out, bn))](
+        dy, h, dh, dres if dres is not None else dh, dbp if dbp is not None else dh,
+        M, T, C_out, *dy.stride(),
+        HAS_RES=has_residual, STORE_DB=need_db, STORE_DRES=need_dres, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+    )
+    db = dbp.sum(0).to(x.dtype) if need_db else None
+
+    dx = None
+    if need_dx:
+        dx = torch.empty(B, T, C_in, device=x.device, dtype=x.dtype)
+        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(C_in, META["BLOCK_N"]),)  # noqa: E731
+        _dx_kernel[grid](
+            dh, weight, dx, M, T, C_in, C_out, triton.next_power_of_2(M), *weight.stride(),
+            KSIZE=k, PAD_L=pad_l, **dot,
         )
-        db = dbp.sum(0).to(x.dtype) if need_db else None
 
-        dx = None
-        if need_dx:
-            dx = torch.empty(B, T, C_in, device=x.device, dtype=x.dtype)
-            grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(C_in, META["BLOCK_N"]),)  # noqa: E731
-            _dx_kernel[grid](
-                dh, weight, dx, M, T, C_in, C_out, triton.next_power_of_2(M), *weight.stride(),
-                KSIZE=k, PAD_L=pad_l, **dot,
-            )
-
-        dw = None
-        if need_dw and DW_IMPL == "gemm":
-            dw = _dw_gemm(x, dh, k, pad_l)
-        elif need_dw:
-            rows = _dw_split(M, C_in, C_out, k, x.device)
-            split = triton.cdiv(M, rows)
-            if split == 1:
-                dw = out = torch.empty(k, C_in, 2 * C_out, device=x.device, dtype=x.dtype)
-                out_strides = (0, *out.stride())
-            else:
-                out = torch.empty(split, k, C_in, 2 * C_out, device=x.device, dtype=torch.float32)
-                out_strides = out.stride()
-            grid = lambda META: (  # noqa: E731
-                triton.cdiv(C_in, META["BLOCK_M"]) * triton.cdiv(2 * C_out, META["BLOCK_N"]), k, split)
-            _dw_kernel[grid](
-                x, dh, out, M, T, C_in, C_out, triton.next_power_of_2(M), rows,
-                *x.stride(), *out_strides,
-                KSIZE=k, PAD_L=pad_l, **dot,
-            )
-            if split > 1:
-                dw = out.sum(0).to(x.dtype)     # a fixed-order reduction: deterministic, unlike float atomics
+    dw = None
+    if need_dw and DW_IMPL == "gemm":
+        dw = _dw_gemm(x, dh, k, pad_l)
+    elif need_dw:
+        rows = _dw_split(M, C_in, C_out, k, x.device)
+        split = triton.cdiv(M, rows)
+        if split == 1:
+            dw = out = torch.empty(k, C_in, 2 * C_out, device=x.device, dtype=x.dtype)
+            out_strides = (0, *out.stride())
+        else:
+            out = torch.empty(split, k, C_in, 2 * C_out, device=x.device, dtype=torch.float32)
+            out_strides = out.stride()
+        grid = lambda META: (  # noqa: E731
+            triton.cdiv(C_in, META["BLOCK_M"]) * triton.cdiv(2 * C_out, META["BLOCK_N"]), k, split)
+        _dw_kernel[grid](
+            x, dh, out, M, T, C_in, C_out, triton.next_power_of_2(M), rows,
+            *x.stride(), *out_strides,
+            KSIZE=k, PAD_L=pad_l, **dot,
+        )
+        if split > 1:
+            dw = out.sum(0).to(x.dtype)     # a fixed-order reduction: deterministic, unlike float atomics
     return dx, dw, db, dres

@@ -18,7 +18,8 @@ def check_shape(name: str, t: torch.Tensor, expected: tuple, what: str) -> None:
     """`expected` may hold None for a free dimension; `what` names the dimensions, e.g. '(B, T, C_out)'."""
     ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
     if not ok:
-        shown = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+        dims = ", ".join("?" if e is None else str(e) for e in expected)
+        shown = "(" + dims + ("," if len(expected) == 1 else "") + ")"
         raise ValueError(f"{name} must have shape {what} = {shown}, got {tuple(t.shape)}")
 
 

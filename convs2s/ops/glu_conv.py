@@ -23,6 +23,7 @@ _DOC = """
     h = conv(x) + bias                                   (B, T, 2*C_out)
     g = h[..., :C_out] * sigmoid(h[..., C_out:])         (torch.nn.functional.glu convention)
     returns (g + residual) * sqrt(0.5) if residual is given, else g       (B, T, C_out)
+    B = 0 gives an empty (0, T, C_out) result (and zero weight and bias gradients); T, C_in and C_out must be >= 1.
 """
 
 
@@ -39,7 +40,8 @@ def _validate(x, weight, bias, residual):
     B, T, c_in = x.shape
     k, w_in, c2 = weight.shape
     if k < 1:
-        raise ValueError(f"weight must have kernel width k >= 1 in dim 0 of (k, C_in, 2*C_out), got {tuple(weight.shape)}")
+        raise ValueError("weight must have kernel width k >= 1 in dim 0 of (k, C_in, 2*C_out), got "
+                         f"{tuple(weight.shape)}")
     if w_in != c_in:
         raise ValueError(f"weight has C_in = {w_in} (dim 1 of (k, C_in, 2*C_out) = {tuple(weight.shape)}) but x "
                          f"has C_in = {c_in} (dim 2 of (B, T, C_in) = {tuple(x.shape)})")
@@ -47,6 +49,8 @@ def _validate(x, weight, bias, residual):
         raise ValueError(f"weight's last dimension must be 2*C_out (even, > 0) for the GLU, got {c2}")
     if T < 1:
         raise ValueError(f"x must have at least one time step, got shape {tuple(x.shape)}")
+    if c_in < 1:
+        raise ValueError(f"x must have at least one input channel (C_in >= 1), got shape {tuple(x.shape)}")
     c_out = c2 // 2
     if bias is not None:
         check_tensor("bias", bias, 1)

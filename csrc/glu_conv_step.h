@@ -33,7 +33,7 @@ void glu_conv_step_epilogue_cpu(const scalar_t* h, const scalar_t* bias, const s
                                 const GluConvStepSizes& s);
 
 // The same kernels on a CUDA stream (passed as void* so that this header needs no CUDA headers).
-// dtype: 0 float, 1 double, 2 half, 3 bfloat16. Errors surface through cudaGetLastError() after the call.
+// dtype: a DTypeCode (common.h). Errors surface through cudaGetLastError() after the call.
 void glu_conv_step_pack_cuda(int dtype, const void* x, void* state, void* window, const GluConvStepSizes& s,
                              void* stream);
 void glu_conv_step_epilogue_cuda(int dtype, const void* h, const void* bias, const void* residual, void* y,

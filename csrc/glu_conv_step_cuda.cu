@@ -17,15 +17,13 @@
 namespace convs2s {
 namespace {
 
-// The compute type: float, double for double (loads widen to it, cuda_math.cuh).
-template <typename T> struct StepAcc { using type = float; };
-template <> struct StepAcc<double> { using type = double; };
-
+using cuda_math::Acc;
+using cuda_math::dispatch_dtype;
 using cuda_math::load;
 using cuda_math::store;
 
-__device__ __forceinline__ float step_sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
-__device__ __forceinline__ double step_sigmoid(double g) { return 1.0 / (1.0 + exp(-g)); }
+__device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
+__device__ __forceinline__ double sigmoid(double g) { return 1.0 / (1.0 + exp(-g)); }
 
 #define GRID_STRIDE_LOOP(i, n) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
@@ -52,7 +50,7 @@ __global__ void pack_kernel(const T* __restrict__ x, T* __restrict__ state, T* _
 template <typename T>
 __global__ void epilogue_kernel(const T* __restrict__ h, const T* __restrict__ bias, const T* __restrict__ residual,
                                 T* __restrict__ y, GluConvStepSizes s) {
-  using acc_t = typename StepAcc<T>::type;
+  using acc_t = typename Acc<T>::type;
   const int64_t C = s.C_out;
   GRID_STRIDE_LOOP(i, s.B * C) {
     const int64_t c = i % C, b = i / C;
@@ -62,7 +60,7 @@ __global__ void epilogue_kernel(const T* __restrict__ h, const T* __restrict__ b
       a += load(bias + c);
       g += load(bias + C + c);
     }
-    acc_t v = a * step_sigmoid(g);
+    acc_t v = a * sigmoid(g);
     if (residual) v = (v + load(residual + b * s.sr_b + c)) * acc_t(s.scale);
     store(y + i, v);
   }
@@ -76,22 +74,11 @@ unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(b < 1 ? 1 : (b > 65535 ? 65535 : b));
 }
 
-// Calls f with a null pointer of the storage type named by dtype (0 float, 1 double, 2 half, 3 bfloat16).
-template <typename F>
-void dispatch(int dtype, F&& f) {
-  switch (dtype) {
-    case 0: f(static_cast<float*>(nullptr)); break;
-    case 1: f(static_cast<double*>(nullptr)); break;
-    case 2: f(static_cast<__half*>(nullptr)); break;
-    case 3: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-  }
-}
-
 }  // namespace
 
 void glu_conv_step_pack_cuda(int dtype, const void* x, void* state, void* window, const GluConvStepSizes& s,
                              void* stream) {
-  dispatch(dtype, [&](auto* tag) {
+  dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     pack_kernel<T><<<blocks_for(s.B * s.C_in), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(x), static_cast<T*>(state), static_cast<T*>(window), s);
@@ -100,7 +87,7 @@ void glu_conv_step_pack_cuda(int dtype, const void* x, void* state, void* window
 
 void glu_conv_step_epilogue_cuda(int dtype, const void* h, const void* bias, const void* residual, void* y,
                                  const GluConvStepSizes& s, void* stream) {
-  dispatch(dtype, [&](auto* tag) {
+  dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     epilogue_kernel<T><<<blocks_for(s.B * s.C_out), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(h), static_cast<const T*>(bias), static_cast<const T*>(residual), static_cast<T*>(y),

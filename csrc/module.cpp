@@ -35,6 +35,10 @@ conv_attention_bwd(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
                    const std::optional<at::Tensor>& src_padding_mask, const at::Tensor& w_in,
                    const at::Tensor& w_out, const at::Tensor& q, const at::Tensor& ctx, const at::Tensor& lse);
 
+// glu_conv_step.cpp
+at::Tensor glu_conv_step_native(const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual);
+
 }  // namespace convs2s
 
 TORCH_LIBRARY(convs2s, m) {
@@ -50,6 +54,8 @@ TORCH_LIBRARY(convs2s, m) {
         "Tensor encoder_values, Tensor? src_padding_mask, Tensor w_in, Tensor w_out, Tensor q, Tensor ctx, "
         "Tensor lse) -> (Tensor grad_x, Tensor grad_target_embedding, Tensor grad_keys, Tensor grad_values, "
         "Tensor grad_w_in, Tensor grad_b_in, Tensor grad_w_out, Tensor grad_b_out)");
+  m.def("glu_conv_step_native(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, Tensor? residual) "
+        "-> Tensor");
 }
 
 // The same functions serve both devices: each dispatches its kernels on the tensors' device itself.
@@ -57,7 +63,8 @@ TORCH_LIBRARY(convs2s, m) {
   m.impl("glu_conv_native_fwd", &convs2s::glu_conv_fwd);                    \
   m.impl("glu_conv_native_bwd", &convs2s::glu_conv_bwd);                    \
   m.impl("conv_attention_native_fwd", &convs2s::conv_attention_fwd);        \
-  m.impl("conv_attention_native_bwd", &convs2s::conv_attention_bwd)
+  m.impl("conv_attention_native_bwd", &convs2s::conv_attention_bwd);        \
+  m.impl("glu_conv_step_native", &convs2s::glu_conv_step_native)
 
 TORCH_LIBRARY_IMPL(convs2s, CPU, m) { CONVS2S_IMPLS(m); }
 

@@ -307,6 +307,8 @@ def encode_pair(pair: PairFiles, tok: Tokenizer, cache_dir: str | os.PathLike, *
     if not (folder / "meta.json").is_file():
         t0 = time.time()
         workers = workers if workers is not None else (os.cpu_count() or 1)
+        if sum(p.stat().st_size for p in pair) <= block_bytes:
+            workers = 1                      # one block: starting a pool (~0.3 s) would cost more than it saves
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".corpus-{key}."))
         try:

@@ -1,12 +1,16 @@
-"""Training ConvS2S on Multi30k: `convs2s train` (or `python -m convs2s train`), single- or multi-process.
+"""Training ConvS2S on Multi30k or one's own corpus: `convs2s train` (or `python -m convs2s train`), 1+ processes.
 
     train(TrainArgs(preset="small", src_lang="de", tgt_lang="en", save_dir="runs/x", max_minutes=20))
 
 What one run does, in order:
   1. torch.distributed when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; one device per rank.
-  2. Data: Multi30k train + val from --data / $CONVS2S_DATA / the download cache (convs2s.data).
-  3. Tokenizer: sentencepiece trained on the training split by rank 0 and broadcast (or taken from --resume).
-  4. Model: a preset of convs2s.model (auto: "multi30k" on a GPU, "small" on a CPU); DDP when distributed.
+  2. Data: Multi30k train + val from --data / $CONVS2S_DATA / the download cache (convs2s.data), or one's own
+     files --train PREFIX --valid PREFIX (convs2s.corpus: checked, then encoded once into an on-disk cache).
+  3. Tokenizer: sentencepiece trained on (a sample of) the training split by rank 0 and broadcast (or taken
+     from --resume).
+  4. Model: --arch, a preset of convs2s.model or a fairseq fconv architecture (auto: "multi30k" on a GPU,
+     "small" on a CPU), with fairseq-style overrides (--encoder-layers "[(512, 3)] * 9 + ..."); DDP when
+     distributed. The config is stored in the checkpoint.
   5. Updates on token-count batches (--max-tokens): label-smoothed cross-entropy (0.1) normalised by the
      number of target tokens of the whole step (all ranks), gradient-norm clip 0.1, Nesterov momentum 0.99
      (lr 0.25, the paper's) or Adam (lr 5e-4, the default: it learned faster in a measured short run);
@@ -44,8 +48,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import corpus as corpus_mod
 from . import data as data_mod
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from .convert import ARCH_DEFAULTS, parse_layer_string
 from .device import autocast_for
 from .distributed import agree, all_reduce_sum, init_distributed, on_main, run_agreed
 from .generate import translate_lines
@@ -57,6 +63,13 @@ from .tokenizer import PAD_ID, Tokenizer
 class TrainArgs:
     preset: str = "auto"              # a convs2s.model preset; auto = multi30k on CUDA, small on CPU
     data: str | None = None           # folder of Multi30k raw files (None: $CONVS2S_DATA, else download cache)
+    train: str | None = None          # one's own corpus instead: PREFIX.<src_lang>, PREFIX.<tgt_lang> (or .gz)
+    valid: str | None = None          # its validation set's PREFIX (required with train)
+    cache_dir: str | None = None      # encoded-corpus cache (None: $CONVS2S_CACHE, else ~/.cache/convs2s/corpus)
+    encode_workers: int = 0           # processes encoding a corpus into the cache (0 = every core)
+    spm_sample: int = 1_000_000       # sentencepiece trains on at most this many lines per model (0 = all)
+    max_len_ratio: float = 0.0        # drop training pairs whose longer side has more than this x the shorter
+                                      # side's subwords (0 = keep all; fairseq's WMT scripts clean with 1.5)
     src_lang: str = "de"
     tgt_lang: str = "en"
     save_dir: str = "checkpoints"
@@ -78,6 +91,16 @@ class TrainArgs:
     lr_shrink: float = 0.1            # lr multiplier when the validation loss did not improve
     min_lr: float | None = None       # stop below this lr; None = lr * 1e-4 (four plateaus)
     dropout: float | None = None      # None: the preset's
+    # Architecture overrides (None: the arch's), fairseq's option names; layer strings as fairseq writes them.
+    encoder_layers: str | None = None          # e.g. "[(512, 3)] * 9 + [(1024, 3)] * 4 + [(2048, 1)] * 2"
+    decoder_layers: str | None = None
+    decoder_attention: str | None = None       # "True", "False" or one flag per decoder layer "[True, False]"
+    encoder_embed_dim: int | None = None
+    decoder_embed_dim: int | None = None
+    decoder_out_embed_dim: int | None = None
+    share_decoder_input_output_embed: bool | None = None
+    max_source_positions: int | None = None
+    max_target_positions: int | None = None
     vocab_size: int = 8000
     spm_type: str = "bpe"             # bpe | unigram
     joint_vocab: bool = False         # one sentencepiece model for both languages; separate won on de-en,
@@ -92,6 +115,67 @@ class TrainArgs:
     metrics_json: str | None = None   # write the final metrics here (rank 0)
     progress: bool = True             # tqdm bars (rank 0)
     num_threads: int = 0              # torch CPU threads (0 = torch's default); 1 wins on a shared, busy CPU
+
+
+# ----------------------------------------------------------------------------------------------- architecture
+
+ARCHS = list(PRESETS) + [name for name in ARCH_DEFAULTS if name not in PRESETS]
+ARCH_OVERRIDES = ("encoder_layers", "decoder_layers", "decoder_attention", "encoder_embed_dim", "decoder_embed_dim",
+                  "decoder_out_embed_dim", "share_decoder_input_output_embed", "dropout", "max_source_positions",
+                  "max_target_positions")
+
+
+def parse_layers(text: str, option: str = "--encoder-layers") -> list[tuple[int, ...]]:
+    """A fairseq layer string -> [(channels, kernel width[, residual distance]), ...] (convert's safe parser)."""
+    value = parse_layer_string(text)
+    if not (isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, (list, tuple)) and len(v) in (2, 3) and all(type(x) is int for x in v) for v in value)):
+        raise ValueError(f"{option} {text!r} is not a non-empty list of (channels, kernel width[, residual]) "
+                         "tuples, e.g. \"[(512, 3)] * 9 + [(1024, 3)] * 4\"")
+    return [tuple(v) for v in value]
+
+
+def parse_attention(text: str) -> bool | list[bool]:
+    """"True" / "False" / "[True, False, ...]" (fairseq's --decoder-attention) -> a bool or a list of them."""
+    value = parse_layer_string(text)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, bool) for v in value):
+        return list(value)
+    raise ValueError(f"--decoder-attention {text!r} must be True, False or a list of them, one per decoder layer")
+
+
+def arch_fields(name: str) -> dict:
+    """The config fields of --arch `name`: a convs2s.model preset or a fairseq fconv architecture."""
+    if name in PRESETS:
+        return dict(PRESETS[name])
+    if name in ARCH_DEFAULTS:
+        a = ARCH_DEFAULTS[name]
+        return dict(encoder_embed_dim=a["encoder_embed_dim"], encoder_layers=parse_layers(a["encoder_layers"]),
+                    decoder_embed_dim=a["decoder_embed_dim"], decoder_layers=parse_layers(a["decoder_layers"]),
+                    decoder_out_embed_dim=a["decoder_out_embed_dim"],
+                    decoder_attention=parse_attention(a["decoder_attention"]),
+                    share_decoder_input_output_embed=a["share_input_output_embed"], dropout=a["dropout"])
+    raise ValueError(f"unknown --arch {name!r}; choose auto or one of {', '.join(ARCHS)}")
+
+
+def model_fields(args: TrainArgs, arch: str) -> dict:
+    """--arch's config fields with the command line's overrides, checked together (before any data is read)."""
+    fields = arch_fields(arch)
+    for name in ARCH_OVERRIDES:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name in ("encoder_layers", "decoder_layers"):
+            value = parse_layers(value, "--" + name.replace("_", "-"))
+        elif name == "decoder_attention":
+            value = parse_attention(value)
+        fields[name] = value
+    try:
+        ConvS2SConfig(src_vocab_size=8, tgt_vocab_size=8, **fields)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--arch {arch} with these overrides is not a valid model: {e}") from None
+    return fields
 
 
 # ----------------------------------------------------------------------------------------------- RNG state
@@ -230,14 +314,17 @@ def _train(args: TrainArgs) -> TrainResult:
         # The run's identity comes from the checkpoint; limits, logging and devices from this command line.
         keep = {"max_epochs", "max_updates", "max_minutes", "resume", "save_dir", "device", "backend", "data",
                 "metrics_json", "progress", "log_interval", "save_interval_updates", "val_bleu_sentences",
-                "num_threads"}
+                "num_threads", "cache_dir", "encode_workers"}
         args = dataclasses.replace(args, **{k: v for k, v in saved.items()
                                            if k not in keep and k in TrainArgs.__dataclass_fields__})
     preset = args.preset
     if preset == "auto":
         preset = "multi30k" if device.type == "cuda" else "small"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose auto or one of {', '.join(PRESETS)}")
+    fields = model_fields(args, preset) if ckpt is None else None
+    if (args.train is None) != (args.valid is None):
+        raise ValueError("--train PREFIX and --valid PREFIX go together (one's own training and validation files)")
+    if args.train is not None and args.data is not None:
+        raise ValueError("give either --data (Multi30k) or --train/--valid (one's own files), not both")
     if args.update_freq < 1:
         raise ValueError(f"update_freq must be >= 1 (batches per update), got {args.update_freq}")
     lr0 = args.lr if args.lr is not None else {"nag": 0.25, "adam": 5e-4}[args.optimizer]
@@ -245,31 +332,50 @@ def _train(args: TrainArgs) -> TrainResult:
 
     # Data (every rank reads it; rank 0 trains the tokenizer and sends it to the others). A failure on one rank
     # is every rank's error (convs2s.distributed), never a rank left waiting in a broadcast.
-    names = [data_mod.file_name(s, l) for s in ("train", "val") for l in (args.src_lang, args.tgt_lang)]
-    data_dir = Path(on_main(lambda: str(data_mod.find_data(args.data, files=names)), d))
-    train_src, train_tgt = run_agreed(lambda: data_mod.load_pair(data_dir, "train", args.src_lang, args.tgt_lang),
-                                      d, device)
-    val_src, val_tgt = run_agreed(lambda: data_mod.load_pair(data_dir, "val", args.src_lang, args.tgt_lang), d,
-                                  device)
-    if args.train_subset:
-        train_src, train_tgt = train_src[:args.train_subset], train_tgt[:args.train_subset]
-    if args.val_subset:
-        val_src, val_tgt = val_src[:args.val_subset], val_tgt[:args.val_subset]
-    if ckpt is not None:
-        tok = Tokenizer.from_state(ckpt["tokenizer"])
+    saved_tok = Tokenizer.from_state(ckpt["tokenizer"]) if ckpt is not None else None
+    if args.train is not None:
+        n_lines = [n for n in (args.val_subset, args.val_bleu_sentences) if n > 0]
+
+        def prepare(tokenizer: Tokenizer | None) -> corpus_mod.Corpus:
+            return corpus_mod.prepare(
+                args.train, args.valid, args.src_lang, args.tgt_lang, tokenizer=tokenizer, vocab_size=args.vocab_size,
+                model_type=args.spm_type, joint=args.joint_vocab, sample=args.spm_sample, cache_dir=args.cache_dir,
+                workers=args.encode_workers or None, valid_lines=min(n_lines) if n_lines else -1,
+                log=tqdm.write if d.main else None)
+        # Rank 0 checks the files, trains the tokenizer and fills the cache; then every rank opens the cache.
+        if d.enabled and saved_tok is None:
+            saved_tok = Tokenizer.from_state(on_main(lambda: prepare(None).tokenizer.state(), d))
+        corpus = run_agreed(lambda: prepare(saved_tok), d, device)
+        tok, train_ds, val_ds = corpus.tokenizer, corpus.train, corpus.valid
+        val_src, val_tgt = corpus.valid_src, corpus.valid_tgt
+        if args.train_subset:
+            train_ds.head(args.train_subset)
+        if args.val_subset:
+            val_ds.head(args.val_subset)
     else:
-        tok = Tokenizer.from_state(on_main(lambda: Tokenizer.train(
-            train_src, train_tgt, vocab_size=args.vocab_size, model_type=args.spm_type, joint=args.joint_vocab).state(),
-            d))
+        names = [data_mod.file_name(s, lang) for s in ("train", "val") for lang in (args.src_lang, args.tgt_lang)]
+        data_dir = Path(on_main(lambda: str(data_mod.find_data(args.data, files=names)), d))
+        train_src, train_tgt = run_agreed(
+            lambda: data_mod.load_pair(data_dir, "train", args.src_lang, args.tgt_lang), d, device)
+        val_src, val_tgt = run_agreed(lambda: data_mod.load_pair(data_dir, "val", args.src_lang, args.tgt_lang), d,
+                                      device)
+        if args.train_subset:
+            train_src, train_tgt = train_src[:args.train_subset], train_tgt[:args.train_subset]
+        if args.val_subset:
+            val_src, val_tgt = val_src[:args.val_subset], val_tgt[:args.val_subset]
+        tok = saved_tok or Tokenizer.from_state(on_main(lambda: Tokenizer.train(
+            train_src, train_tgt, vocab_size=args.vocab_size, model_type=args.spm_type, joint=args.joint_vocab,
+            sample=args.spm_sample).state(), d))
+        train_ds = data_mod.PairDataset(tok.encode_src(train_src), tok.encode_tgt(train_tgt))
+        val_ds = data_mod.PairDataset(tok.encode_src(val_src), tok.encode_tgt(val_tgt))
 
     # Model: the same initial weights on every rank (seeded), then a per-rank stream for dropout.
     torch.manual_seed(args.seed)
     if ckpt is not None:
         cfg = ConvS2SConfig.from_dict({**ckpt["config"], "backend": args.backend})
     else:
-        overrides = {"dropout": args.dropout} if args.dropout is not None else {}
         cfg = ConvS2SConfig(src_vocab_size=tok.src_vocab_size, tgt_vocab_size=tok.tgt_vocab_size,
-                            backend=args.backend, **{**PRESETS[preset], **overrides})
+                            backend=args.backend, **fields)
     model = ConvS2S(cfg)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -287,10 +393,9 @@ def _train(args: TrainArgs) -> TrainResult:
     else:
         raise ValueError(f"optimizer must be nag or adam, got {args.optimizer!r}")
 
-    train_ds = data_mod.PairDataset(tok.encode_src(train_src), tok.encode_tgt(train_tgt))
-    dropped = train_ds.filter_long(cfg.max_source_positions, cfg.max_target_positions)
-    val_ds = data_mod.PairDataset(tok.encode_src(val_src), tok.encode_tgt(val_tgt))
-    val_ds.filter_long(cfg.max_source_positions, cfg.max_target_positions)
+    n_train = len(train_ds)
+    dropped = train_ds.filter(cfg.max_source_positions, cfg.max_target_positions, args.max_len_ratio)
+    val_ds.filter(cfg.max_source_positions, cfg.max_target_positions)
     sampler = data_mod.TokenBatchSampler(train_ds.src_sizes, train_ds.tgt_sizes, args.max_tokens, seed=args.seed,
                                          rank=d.rank, world_size=d.world_size)
     n_bleu = len(val_src) if args.val_bleu_sentences < 0 else min(args.val_bleu_sentences, len(val_src))
@@ -345,10 +450,11 @@ def _train(args: TrainArgs) -> TrainResult:
 
     if d.main:
         tqdm.write(f"convs2s train: {args.src_lang}->{args.tgt_lang}, preset {preset} ({n_params / 1e6:.2f}M "
-                   f"parameters), {len(train_ds)} training pairs ({dropped} too long dropped), vocab "
+                   f"parameters), {len(train_ds)} training pairs ({data_mod.describe_filter(dropped, n_train)}), vocab "
                    f"{tok.src_vocab_size}/{tok.tgt_vocab_size}, device {device}, world size {d.world_size}, "
                    f"{args.optimizer} lr {state['lr']:g}")
         log.write({"type": "start", "args": dataclasses.asdict(args), "preset": preset, "params": n_params,
+                   "train_pairs": len(train_ds), "dropped": dropped,
                    "device": str(device), "world_size": d.world_size, "resumed_at": state["updates"]
                    if ckpt is not None else None})
 

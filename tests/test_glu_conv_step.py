@@ -34,6 +34,8 @@ def need(backend: str, device: str, dtype: torch.dtype | None = None) -> None:
         pytest.skip("CUDA tensors are not run through the Triton interpreter")
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("bf16 Triton runs on CUDA only (the interpreter's bf16 dot is not exact)")
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton backend runs fp32/fp16/bf16 (it accumulates in fp32); fp64 is refused")
 
 
 def make_inputs(B, c_in, c_out, k, *, bias=True, residual=True, dtype=torch.float64, device="cpu"):
@@ -67,7 +69,7 @@ def full_last_step(x, state, w, b, r):
 @pytest.mark.parametrize("c_in,c_out", [(5, 3), (16, 24)])
 @pytest.mark.parametrize("bias,residual", [(True, True), (False, False), (True, False), (False, True)])
 def test_fp64_matches_reference(device, backend, k, B, c_in, c_out, bias, residual):
-    need(backend, device)
+    need(backend, device, torch.float64)
     x, state, w, b, r = make_inputs(B, c_in, c_out, k, bias=bias, residual=residual, device=device)
     state0, state_ref = state.clone(), state.clone()
     want = glu_conv_step_ref(x, state_ref, w, b, r)
@@ -115,28 +117,35 @@ def test_state_update_in_place(device, backend, k):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_k1_accepts_none_state(device, backend):
     need(backend, device)
-    x, _, w, b, r = make_inputs(4, 6, 5, 1, device=device)
+    x, _, w, b, r = make_inputs(4, 6, 5, 1, dtype=torch.float32, device=device)
     torch.testing.assert_close(glu_conv_step(x, None, w, b, r, backend=backend),
-                               glu_conv_step_ref(x, None, w, b, r), rtol=1e-12, atol=1e-12)
+                               glu_conv_step_ref(x, None, w, b, r), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_steps_equal_whole_sequence(device, backend, k):
-    """T = 7 steps from a zero state equal glu_conv(causal=True) over the sequence at every position."""
-    need(backend, device)
+def test_steps_equal_whole_sequence(device, backend, dtype, k):
+    """T = 7 steps from a zero state equal glu_conv(causal=True) over the sequence at every position: to 1e-12 in
+    fp64; in fp32 under the tolerance rule (the yardstick: the whole-sequence op in fp32 vs fp64)."""
+    need(backend, device, dtype)
     B, T, c_in, c_out = 3, 7, 6, 5
     g = torch.Generator().manual_seed(k)
-    x, r = (torch.randn(B, T, c, generator=g, dtype=torch.float64).to(device) for c in (c_in, c_out))
-    w = (torch.randn(k, c_in, 2 * c_out, generator=g, dtype=torch.float64) / math.sqrt(k * c_in)).to(device)
-    b = torch.randn(2 * c_out, generator=g, dtype=torch.float64).to(device)
+    x, r = (torch.randn(B, T, c, generator=g, dtype=torch.float64) for c in (c_in, c_out))
+    w = torch.randn(k, c_in, 2 * c_out, generator=g, dtype=torch.float64) / math.sqrt(k * c_in)
+    b = torch.randn(2 * c_out, generator=g, dtype=torch.float64)
+    full64 = glu_conv(x, w, b, r, causal=True, backend="reference")
+    x, w, b, r = (t.to(device=device, dtype=dtype) for t in (x, w, b, r))
     full = glu_conv(x, w, b, r, causal=True, backend="reference")
     state = x.new_zeros(B, k - 1, c_in)
     for t in range(T):
         y = glu_conv_step(x[:, t], state, w, b, r[:, t], backend=backend)
-        torch.testing.assert_close(y, full[:, t], rtol=1e-12, atol=1e-12, msg=lambda m: f"step {t}: {m}")
-    torch.testing.assert_close(state, x[:, T - k + 1:], rtol=0, atol=0)
+        if dtype == torch.float64:
+            torch.testing.assert_close(y, full[:, t], rtol=1e-12, atol=1e-12, msg=lambda m: f"step {t}: {m}")
+        else:
+            assert_close_rule(f"step {t}", y, full[:, t], full64[:, t], dtype)
+    assert torch.equal(state, x[:, T - k + 1:])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -228,7 +237,7 @@ def test_bad_inputs(backend, case):
 @pytest.mark.parametrize("which", ["x", "conv_state", "weight", "bias", "residual"])
 def test_requires_grad_raises_under_grad_mode(backend, which):
     need(backend, "cpu")
-    inputs = dict(zip(("x", "conv_state", "weight", "bias", "residual"), make_inputs(2, 3, 4, 3)))
+    inputs = dict(zip(("x", "conv_state", "weight", "bias", "residual"), make_inputs(2, 3, 4, 3, dtype=torch.float32)))
     inputs[which].requires_grad_()
     with pytest.raises(RuntimeError, match=rf"inference op without autograd, but {which} require"):
         glu_conv_step(**inputs, backend=backend)

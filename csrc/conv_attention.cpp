@@ -7,39 +7,32 @@
 //   P~  = sigma * masked_softmax(S), lse = row log-sum-exp      fused kernel, P~ in the inputs' dtype
 //   ctx = P~ @ V                                               batched GEMM (the sqrt(s) scale rides on P~)
 //   out = sqrt(.5) * (ctx @ w_out^T + b_out + x)               GEMM, then the same fused pass
-// Saved for the backward: q, ctx (B, Tt, E) and lse (B, Tt); no (B, Tt, Ts) tensor unless need_weights asks for
-// the probabilities. The backward recomputes S from q and K, and P from S and lse (flash-attention's recipe). S is
-// in the softmax's precision in both directions (see scores() below).
+// Saved for the backward: q, ctx (B, Tt, E) and lse (B, Tt) fp64; no (B, Tt, Ts) tensor unless need_weights asks
+// for the probabilities. The backward recomputes S from q and K, and P from S and lse (flash-attention's recipe). S
+// is in the softmax's precision in both directions (see scores() below); lse is fp64 (see conv_attention.h).
 // On CUDA without need_weights, S, P~ and ctx come from one flash-style kernel instead (conv_attention_cuda.cu),
 // which never writes S: the forward then has no (B, Tt, Ts) temporary either.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/core/DeviceGuard.h>
 
 #include <cmath>
 
+#include "common.h"
 #include "conv_attention.h"
 
 #ifdef CONVS2S_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace convs2s {
 namespace {
 
-constexpr double kSqrtHalf = 0.70710678118654752440;
+constexpr const char* kOp = "conv_attention";
 
-void check_same(const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "conv_attention: ", name, " has dtype ", t.scalar_type(),
-              " but x has dtype ", x.scalar_type(), "; all floating inputs must share one dtype");
-  TORCH_CHECK(t.device() == x.device(), "conv_attention: ", name, " is on ", t.device(), " but x is on ",
-              x.device(), "; all inputs must share one device");
-}
+void check_same(const char* name, const at::Tensor& t, const at::Tensor& x) { convs2s::check_same(kOp, name, t, x); }
 
 void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef expected, const char* what) {
-  TORCH_CHECK(t.sizes() == expected, "conv_attention: ", name, " must be ", what, " = ", expected, ", got shape ",
-              t.sizes());
+  convs2s::check_shape(kOp, name, t, expected, what);
 }
 
 // Sizes (B, Tt, C, Ts, E) after checking every input against x and the keys.
@@ -84,18 +77,6 @@ at::Tensor source_scale(const std::optional<at::Tensor>& mask, int64_t B, int64_
   return mask->logical_not().sum(1).to(opts.dtype()).sqrt_();
 }
 
-#ifdef CONVS2S_WITH_CUDA
-int cuda_dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return 0;
-    case at::kDouble: return 1;
-    case at::kHalf: return 2;
-    case at::kBFloat16: return 3;
-    default: TORCH_CHECK(false, "conv_attention: unsupported dtype ", t, " (float, double, half, bfloat16 only)");
-  }
-}
-#endif
-
 const bool* mask_ptr(const std::optional<at::Tensor>& m) { return m.has_value() ? m->const_data_ptr<bool>() : nullptr; }
 
 // The scores q @ K^T (B, Tt, Ts) in the softmax's precision (fp32 for 16-bit inputs). The CUDA flash forward
@@ -116,19 +97,19 @@ void softmax_fwd(const at::Tensor& s, at::Tensor& p_scaled, at::Tensor& lse, at:
                  const std::optional<at::Tensor>& mask, const at::Tensor& sigma, const AttnSizes& sz) {
   if (s.is_cuda()) {
 #ifdef CONVS2S_WITH_CUDA
-    attn_softmax_fwd_cuda(cuda_dtype_code(p_scaled.scalar_type()), s.data_ptr(), p_scaled.data_ptr(), lse.data_ptr(),
+    attn_softmax_fwd_cuda(dtype_code(p_scaled.scalar_type(), kOp), s.data_ptr(), p_scaled.data_ptr(), lse.data_ptr(),
                           attn.numel() ? attn.data_ptr() : nullptr, mask_ptr(mask), sigma.data_ptr(), sz,
-                          c10::cuda::getCurrentCUDAStream().stream());
+                          current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
 #else
     TORCH_CHECK(false, "conv_attention: the extension was built without CUDA kernels");
 #endif
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p_scaled.scalar_type(), "attn_softmax_fwd", [&] {
+  CONVS2S_DISPATCH_FLOATING(p_scaled.scalar_type(), "attn_softmax_fwd", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     attn_softmax_fwd_cpu<scalar_t, acc_t>(s.const_data_ptr<acc_t>(), p_scaled.mutable_data_ptr<scalar_t>(),
-                                          lse.mutable_data_ptr<acc_t>(),
+                                          lse.mutable_data_ptr<double>(),
                                           attn.numel() ? attn.mutable_data_ptr<scalar_t>() : nullptr,
                                           mask_ptr(mask), sigma.const_data_ptr<acc_t>(), sz);
   });
@@ -139,22 +120,22 @@ void softmax_bwd(const at::Tensor& s, at::Tensor& p_scaled, at::Tensor& dpt,
                  const std::optional<at::Tensor>& mask, const at::Tensor& sigma, const AttnSizes& sz) {
   if (s.is_cuda()) {
 #ifdef CONVS2S_WITH_CUDA
-    attn_softmax_bwd_cuda(cuda_dtype_code(dpt.scalar_type()), s.data_ptr(), p_scaled.data_ptr(), dpt.data_ptr(),
+    attn_softmax_bwd_cuda(dtype_code(dpt.scalar_type(), kOp), s.data_ptr(), p_scaled.data_ptr(), dpt.data_ptr(),
                           grad_attn.has_value() ? grad_attn->data_ptr() : nullptr, lse.data_ptr(), mask_ptr(mask),
-                          sigma.data_ptr(), sz, c10::cuda::getCurrentCUDAStream().stream());
+                          sigma.data_ptr(), sz, current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
 #else
     TORCH_CHECK(false, "conv_attention: the extension was built without CUDA kernels");
 #endif
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dpt.scalar_type(), "attn_softmax_bwd", [&] {
+  CONVS2S_DISPATCH_FLOATING(dpt.scalar_type(), "attn_softmax_bwd", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     attn_softmax_bwd_cpu<scalar_t, acc_t>(s.const_data_ptr<acc_t>(), p_scaled.mutable_data_ptr<scalar_t>(),
                                           dpt.mutable_data_ptr<scalar_t>(),
                                           grad_attn.has_value() ? grad_attn->const_data_ptr<scalar_t>() : nullptr,
-                                          lse.const_data_ptr<acc_t>(), mask_ptr(mask), sigma.const_data_ptr<acc_t>(),
-                                          sz);
+                                          lse.const_data_ptr<double>(), mask_ptr(mask),
+                                          sigma.const_data_ptr<acc_t>(), sz);
   });
 }
 
@@ -164,28 +145,24 @@ void bias_residual_scale(at::Tensor& y, const at::Tensor& bias, const at::Tensor
   const int64_t rows = y.size(0), n = y.size(1);
   if (y.is_cuda()) {
 #ifdef CONVS2S_WITH_CUDA
-    attn_bias_residual_scale_cuda(cuda_dtype_code(y.scalar_type()), y.data_ptr(), b.data_ptr(), res.data_ptr(),
-                                  kSqrtHalf, rows, n, c10::cuda::getCurrentCUDAStream().stream());
+    attn_bias_residual_scale_cuda(dtype_code(y.scalar_type(), kOp), y.data_ptr(), b.data_ptr(), res.data_ptr(),
+                                  kSqrtHalf, rows, n, current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
 #else
     TORCH_CHECK(false, "conv_attention: the extension was built without CUDA kernels");
 #endif
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "attn_bias_residual_scale", [&] {
+  CONVS2S_DISPATCH_FLOATING(y.scalar_type(), "attn_bias_residual_scale", [&] {
     attn_bias_residual_scale_cpu<scalar_t>(y.mutable_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
                                            res.const_data_ptr<scalar_t>(), kSqrtHalf, rows, n);
   });
 }
 
-std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-}
-
 }  // namespace
 
 // Forward: (out (B, Tt, C), attn (B, Tt, Ts) if need_weights else (0,), and for the backward: q (B, Tt, E),
-// ctx (B, Tt, E), lse (B, Tt) in fp32 (fp64 for fp64 inputs)).
+// ctx (B, Tt, E), lse (B, Tt) fp64).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_attention_fwd(
     const at::Tensor& x, const at::Tensor& te, const at::Tensor& keys, const at::Tensor& values,
     const std::optional<at::Tensor>& src_padding_mask, const at::Tensor& w_in, const at::Tensor& b_in,
@@ -197,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_atte
   at::Tensor q = at::mm(x2, w_in.t());                                                             // (B*Tt, E)
   bias_residual_scale(q, b_in, te.reshape({B * Tt, E}));
   at::Tensor q3 = q.view({B, Tt, E});
-  at::Tensor lse = at::empty({B, Tt}, x.options().dtype(acc_type(x.scalar_type())));
+  at::Tensor lse = at::empty({B, Tt}, x.options().dtype(at::kDouble));
   at::Tensor attn = need_weights ? at::empty({B, Tt, Ts}, x.options()) : at::empty({0}, x.options());
   const at::Tensor sigma = source_scale(mask, B, Ts, x);
   const AttnSizes sizes{B, Tt, Ts, E};
@@ -206,9 +183,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_atte
   if (x.is_cuda() && !need_weights) {  // flash-style: no (B, Tt, Ts) tensor at all
     const at::Tensor k = keys.contiguous(), v = values.contiguous();
     ctx = at::empty({B, Tt, E}, x.options());
-    const bool launched = attn_flash_fwd_cuda(cuda_dtype_code(x.scalar_type()), q3.data_ptr(), k.data_ptr(),
+    const bool launched = attn_flash_fwd_cuda(dtype_code(x.scalar_type(), kOp), q3.data_ptr(), k.data_ptr(),
                                               v.data_ptr(), mask_ptr(mask), sigma.data_ptr(), ctx.data_ptr(),
-                                              lse.data_ptr(), sizes, c10::cuda::getCurrentCUDAStream().stream());
+                                              lse.data_ptr(), sizes, current_stream());
     if (launched) C10_CUDA_KERNEL_LAUNCH_CHECK();
     else ctx = at::Tensor();
   }
@@ -242,9 +219,9 @@ conv_attention_bwd(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   check_shape("q (saved)", q, {B, Tt, E}, "(B, Tt, E)");
   check_shape("ctx (saved)", ctx, {B, Tt, E}, "(B, Tt, E)");
   check_shape("lse (saved)", lse, {B, Tt}, "(B, Tt)");
-  TORCH_CHECK(lse.scalar_type() == acc_type(x.scalar_type()) && lse.is_contiguous(),
-              "conv_attention backward: lse must be the contiguous ", acc_type(x.scalar_type()),
-              " tensor saved by the forward, got ", lse.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == at::kDouble && lse.is_contiguous(),
+              "conv_attention backward: lse must be the contiguous Double tensor saved by the forward, got ",
+              lse.scalar_type());
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, {"encoder_keys", &keys},
                          {"encoder_values", &values}, {"w_in", &w_in}, {"w_out", &w_out}, {"q", &q},
                          {"ctx", &ctx}})

@@ -17,6 +17,9 @@ struct AttnSizes {
 // are acc_t in both directions: the CUDA flash forward forms them as fp32 dot products, and a backward that
 // recomputed them rounded to 16 bits would form p = exp(rounded score - lse), whose rows do not sum to 1.
 // p_scaled may alias scores when scalar_t is acc_t (each element is read before it is written).
+// lse is fp64 for every dtype: p = exp(score - lse) in the backward carries the rounding error of lse, an ulp of
+// |lse| (up to ~10: m + log Ts) where the forward's exp(score - m) / l carries an ulp of the result; with an fp32
+// lse the fp32 gradients' mean error was twice the PyTorch reference's (long_source, Tt_1 in the tests).
 //
 // Forward, per row (b, t):  p = softmax(scores) over the real (mask false) source positions, 0 on padding;
 //   p_scaled <- sigma[b] * p  (the ctx GEMM's left operand, sigma = sqrt(number of real source tokens))
@@ -24,7 +27,7 @@ struct AttnSizes {
 //   attn <- p  (unscaled) when attn is not null.
 //   mask (B, Ts) bool, true = padding, or null (no padding).
 template <typename scalar_t, typename acc_t>
-void attn_softmax_fwd_cpu(const acc_t* scores, scalar_t* p_scaled, acc_t* lse, scalar_t* attn, const bool* mask,
+void attn_softmax_fwd_cpu(const acc_t* scores, scalar_t* p_scaled, double* lse, scalar_t* attn, const bool* mask,
                           const acc_t* sigma, const AttnSizes& s);
 
 // Backward, per row: with p = exp(scores - lse) on real positions (0 on padding), recomputed from the scores, and
@@ -33,7 +36,7 @@ void attn_softmax_fwd_cpu(const acc_t* scores, scalar_t* p_scaled, acc_t* lse, s
 //   dpt      <- p * (dp - sum_j p_j dp_j)  (the gradient wrt the scores; exactly 0 on padding)
 template <typename scalar_t, typename acc_t>
 void attn_softmax_bwd_cpu(const acc_t* scores, scalar_t* p_scaled, scalar_t* dpt, const scalar_t* grad_attn,
-                          const acc_t* lse, const bool* mask, const acc_t* sigma, const AttnSizes& s);
+                          const double* lse, const bool* mask, const acc_t* sigma, const AttnSizes& s);
 
 // y <- (y + bias + residual) * scale, elementwise over y (rows, n) contiguous, bias (n,), residual (rows, n)
 // contiguous: the projections' epilogue (q from x @ w_in^T and the target embedding, out from ctx @ w_out^T and x).
@@ -41,8 +44,8 @@ template <typename scalar_t>
 void attn_bias_residual_scale_cpu(scalar_t* y, const scalar_t* bias, const scalar_t* residual, double scale,
                                   int64_t rows, int64_t n);
 
-// The same on a CUDA stream (void*: this header needs no CUDA headers). dtype: a DTypeCode (common.h); scores,
-// lse and sigma are double for double, else float.
+// The same on a CUDA stream (void*: this header needs no CUDA headers). dtype: a DTypeCode (common.h); scores
+// and sigma are double for double, else float; lse is double.
 void attn_softmax_fwd_cuda(int dtype, const void* scores, void* p_scaled, void* lse, void* attn, const bool* mask,
                            const void* sigma, const AttnSizes& s, void* stream);
 void attn_softmax_bwd_cuda(int dtype, const void* scores, void* p_scaled, void* dpt, const void* grad_attn,

@@ -20,7 +20,7 @@ int64_t grain_rows(int64_t Ts) { return std::max<int64_t>(1, 16384 / std::max<in
 }  // namespace
 
 template <typename scalar_t, typename acc_t>
-void attn_softmax_fwd_cpu(const acc_t* scores, scalar_t* p_scaled, acc_t* lse, scalar_t* attn, const bool* mask,
+void attn_softmax_fwd_cpu(const acc_t* scores, scalar_t* p_scaled, double* lse, scalar_t* attn, const bool* mask,
                           const acc_t* sigma, const AttnSizes& s) {
   const int64_t Ts = s.Ts;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -44,7 +44,8 @@ void attn_softmax_fwd_cpu(const acc_t* scores, scalar_t* p_scaled, acc_t* lse, s
         for (int64_t j = 0; j < Ts; ++j) sum += e[j];
       }
       const acc_t inv = sum > 0 ? acc_t(1) / sum : acc_t(0);
-      lse[r] = sum > 0 ? m + std::log(sum) : neg_inf;
+      lse[r] = sum > 0 ? static_cast<double>(m) + std::log(static_cast<double>(sum))
+                       : -std::numeric_limits<double>::infinity();
       const acc_t sg = sigma[b];
       scalar_t* out_attn = attn ? attn + r * Ts : nullptr;
       for (int64_t j = 0; j < Ts; ++j) {
@@ -58,7 +59,7 @@ void attn_softmax_fwd_cpu(const acc_t* scores, scalar_t* p_scaled, acc_t* lse, s
 
 template <typename scalar_t, typename acc_t>
 void attn_softmax_bwd_cpu(const acc_t* scores, scalar_t* p_scaled, scalar_t* dpt, const scalar_t* grad_attn,
-                          const acc_t* lse, const bool* mask, const acc_t* sigma, const AttnSizes& s) {
+                          const double* lse, const bool* mask, const acc_t* sigma, const AttnSizes& s) {
   const int64_t Ts = s.Ts;
   at::parallel_for(0, s.B * s.Tt, grain_rows(Ts), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> p(Ts), dp(Ts);
@@ -69,10 +70,11 @@ void attn_softmax_bwd_cpu(const acc_t* scores, scalar_t* p_scaled, scalar_t* dpt
       scalar_t* out = p_scaled + r * Ts;
       scalar_t* drow = dpt + r * Ts;
       const scalar_t* ga = grad_attn ? grad_attn + r * Ts : nullptr;
-      const acc_t l = lse[r], sg = sigma[b];
+      const double l = lse[r];
+      const acc_t sg = sigma[b];
       for (int64_t j = 0; j < Ts; ++j) {
         const bool real = !(pad && pad[j]);
-        p[j] = real ? exp_fast(row[j] - l) : acc_t(0);
+        p[j] = real ? exp_fast(static_cast<acc_t>(row[j] - l)) : acc_t(0);
         dp[j] = sg * static_cast<acc_t>(drow[j]) + (ga ? static_cast<acc_t>(ga[j]) : acc_t(0));
       }
       acc_t dot = 0;
@@ -102,8 +104,8 @@ void attn_bias_residual_scale_cpu(scalar_t* y, const scalar_t* bias, const scala
 }
 
 #define CONVS2S_INSTANTIATE(T, A)                                                                             \
-  template void attn_softmax_fwd_cpu<T, A>(const A*, T*, A*, T*, const bool*, const A*, const AttnSizes&);       \
-  template void attn_softmax_bwd_cpu<T, A>(const A*, T*, T*, const T*, const A*, const bool*, const A*,          \
+  template void attn_softmax_fwd_cpu<T, A>(const A*, T*, double*, T*, const bool*, const A*, const AttnSizes&);  \
+  template void attn_softmax_bwd_cpu<T, A>(const A*, T*, T*, const T*, const double*, const bool*, const A*,     \
                                            const AttnSizes&);                                                   \
   template void attn_bias_residual_scale_cpu<T>(T*, const T*, const T*, double, int64_t, int64_t);
 CONVS2S_INSTANTIATE(float, float)

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "conv_attention.h"
 #include "cuda_math.cuh"
@@ -28,13 +29,13 @@ namespace {
 
 constexpr int kWarps = 4;  // rows per block of 128 threads
 
+using cuda_math::Acc;
+using cuda_math::dispatch_dtype;
 using cuda_math::load;
 using cuda_math::store;
 
 __device__ __forceinline__ float exp_acc(float v) { return expf(v); }
 __device__ __forceinline__ double exp_acc(double v) { return exp(v); }
-__device__ __forceinline__ float log_acc(float v) { return logf(v); }
-__device__ __forceinline__ double log_acc(double v) { return log(v); }
 
 template <typename A> __device__ __forceinline__ A warp_max(A v) {
   for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -47,7 +48,7 @@ template <typename A> __device__ __forceinline__ A warp_sum(A v) {
 
 // scores and p_scaled may alias (when T is A): no __restrict__ on them.
 template <typename T, typename A>
-__global__ void softmax_fwd_kernel(const A* scores, T* p_scaled, A* __restrict__ lse, T* __restrict__ attn,
+__global__ void softmax_fwd_kernel(const A* scores, T* p_scaled, double* __restrict__ lse, T* __restrict__ attn,
                                    const bool* __restrict__ mask, const A* __restrict__ sigma, AttnSizes s) {
   const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -67,7 +68,7 @@ __global__ void softmax_fwd_kernel(const A* scores, T* p_scaled, A* __restrict__
       if (!(pad && pad[j])) sum += exp_acc(row[j] - m);
   sum = warp_sum(sum);
   const A inv = sum > 0 ? A(1) / sum : A(0);
-  if (lane == 0) lse[r] = sum > 0 ? m + log_acc(sum) : neg_inf;
+  if (lane == 0) lse[r] = sum > 0 ? double(m) + log(double(sum)) : -INFINITY;
   const A sg = sigma[b];
   for (int64_t j = lane; j < Ts; j += 32) {
     const A p = (pad && pad[j]) ? A(0) : exp_acc(row[j] - m) * inv;
@@ -78,7 +79,7 @@ __global__ void softmax_fwd_kernel(const A* scores, T* p_scaled, A* __restrict__
 
 template <typename T, typename A>
 __global__ void softmax_bwd_kernel(const A* scores, T* p_scaled, T* __restrict__ dpt,
-                                   const T* __restrict__ grad_attn, const A* __restrict__ lse,
+                                   const T* __restrict__ grad_attn, const double* __restrict__ lse,
                                    const bool* __restrict__ mask, const A* __restrict__ sigma, AttnSizes s) {
   const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -89,15 +90,16 @@ __global__ void softmax_bwd_kernel(const A* scores, T* p_scaled, T* __restrict__
   T* out = p_scaled + r * Ts;
   T* drow = dpt + r * Ts;
   const T* ga = grad_attn ? grad_attn + r * Ts : nullptr;
-  const A l = lse[r], sg = sigma[b];
+  const double l = lse[r];
+  const A sg = sigma[b];
   A dot = 0;
   for (int64_t j = lane; j < Ts; j += 32) {
-    const A p = (pad && pad[j]) ? A(0) : exp_acc(row[j] - l);
+    const A p = (pad && pad[j]) ? A(0) : exp_acc(A(row[j] - l));
     dot += p * (sg * A(load(drow + j)) + (ga ? A(load(ga + j)) : A(0)));
   }
   dot = warp_sum(dot);
   for (int64_t j = lane; j < Ts; j += 32) {
-    const A p = (pad && pad[j]) ? A(0) : exp_acc(row[j] - l);
+    const A p = (pad && pad[j]) ? A(0) : exp_acc(A(row[j] - l));
     const A dp = sg * A(load(drow + j)) + (ga ? A(load(ga + j)) : A(0));
     store(out + j, sg * p);
     store(drow + j, p * (dp - dot));
@@ -110,7 +112,7 @@ constexpr int kFlashSmemBytes = 48 * 1024;  // K and V tiles; the default per-bl
 template <typename T, typename A, int VPL>
 __global__ void flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ keys, const T* __restrict__ values,
                                  const bool* __restrict__ mask, const A* __restrict__ sigma, T* __restrict__ ctx,
-                                 A* __restrict__ lse, AttnSizes s, int tile) {
+                                 double* __restrict__ lse, AttnSizes s, int tile) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* k_tile = reinterpret_cast<T*>(smem_raw);     // (tile, E)
   T* v_tile = k_tile + int64_t(tile) * s.E;       // (tile, E)
@@ -167,7 +169,7 @@ __global__ void flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ 
     const int64_t e = lane + 32 * i;
     if (e < E) store(ctx + (b * s.Tt + t) * E + e, acc[i] * scale);
   }
-  if (lane == 0) lse[b * s.Tt + t] = l > 0 ? m + log_acc(l) : neg_inf;
+  if (lane == 0) lse[b * s.Tt + t] = l > 0 ? double(m) + log(double(l)) : -INFINITY;
 }
 
 template <typename T, typename A>
@@ -183,7 +185,7 @@ bool launch_flash(const void* q, const void* keys, const void* values, const boo
   auto go = [&](auto kernel) {
     kernel<<<grid, 32 * kFlashWarps, smem, st>>>(static_cast<const T*>(q), static_cast<const T*>(keys),
                                                  static_cast<const T*>(values), mask, static_cast<const A*>(sigma),
-                                                 static_cast<T*>(ctx), static_cast<A*>(lse), s, tile);
+                                                 static_cast<T*>(ctx), static_cast<double*>(lse), s, tile);
   };
   // Registers per lane grow with VPL; instantiate a few sizes instead of one for the largest E.
   if (vpl <= 4) go(flash_fwd_kernel<T, A, 4>);
@@ -217,7 +219,7 @@ template <typename T, typename A>
 void launch_fwd(const void* scores, void* p_scaled, void* lse, void* attn, const bool* mask, const void* sigma,
                 const AttnSizes& s, cudaStream_t st) {
   softmax_fwd_kernel<T, A><<<blocks_for(s.B * s.Tt), 32 * kWarps, 0, st>>>(
-      static_cast<const A*>(scores), static_cast<T*>(p_scaled), static_cast<A*>(lse), static_cast<T*>(attn), mask,
+      static_cast<const A*>(scores), static_cast<T*>(p_scaled), static_cast<double*>(lse), static_cast<T*>(attn), mask,
       static_cast<const A*>(sigma), s);
 }
 
@@ -226,54 +228,47 @@ void launch_bwd(const void* scores, void* p_scaled, void* dpt, const void* grad_
                 const bool* mask, const void* sigma, const AttnSizes& s, cudaStream_t st) {
   softmax_bwd_kernel<T, A><<<blocks_for(s.B * s.Tt), 32 * kWarps, 0, st>>>(
       static_cast<const A*>(scores), static_cast<T*>(p_scaled), static_cast<T*>(dpt),
-      static_cast<const T*>(grad_attn), static_cast<const A*>(lse), mask, static_cast<const A*>(sigma), s);
+      static_cast<const T*>(grad_attn), static_cast<const double*>(lse), mask, static_cast<const A*>(sigma), s);
 }
 
 }  // namespace
 
 void attn_softmax_fwd_cuda(int dtype, const void* scores, void* p_scaled, void* lse, void* attn, const bool* mask,
                            const void* sigma, const AttnSizes& s, void* stream) {
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: launch_fwd<float, float>(scores, p_scaled, lse, attn, mask, sigma, s, st); break;
-    case 1: launch_fwd<double, double>(scores, p_scaled, lse, attn, mask, sigma, s, st); break;
-    case 2: launch_fwd<__half, float>(scores, p_scaled, lse, attn, mask, sigma, s, st); break;
-    case 3: launch_fwd<__nv_bfloat16, float>(scores, p_scaled, lse, attn, mask, sigma, s, st); break;
-  }
+  dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    launch_fwd<T, typename Acc<T>::type>(scores, p_scaled, lse, attn, mask, sigma, s,
+                                         static_cast<cudaStream_t>(stream));
+  });
 }
 
 void attn_softmax_bwd_cuda(int dtype, const void* scores, void* p_scaled, void* dpt, const void* grad_attn,
                            const void* lse, const bool* mask, const void* sigma, const AttnSizes& s, void* stream) {
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: launch_bwd<float, float>(scores, p_scaled, dpt, grad_attn, lse, mask, sigma, s, st); break;
-    case 1: launch_bwd<double, double>(scores, p_scaled, dpt, grad_attn, lse, mask, sigma, s, st); break;
-    case 2: launch_bwd<__half, float>(scores, p_scaled, dpt, grad_attn, lse, mask, sigma, s, st); break;
-    case 3: launch_bwd<__nv_bfloat16, float>(scores, p_scaled, dpt, grad_attn, lse, mask, sigma, s, st); break;
-  }
+  dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    launch_bwd<T, typename Acc<T>::type>(scores, p_scaled, dpt, grad_attn, lse, mask, sigma, s,
+                                         static_cast<cudaStream_t>(stream));
+  });
 }
 
 void attn_bias_residual_scale_cuda(int dtype, void* y, const void* bias, const void* residual, double scale,
                                    int64_t rows, int64_t n, void* stream) {
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: launch_bias_residual_scale<float, float>(y, bias, residual, scale, rows, n, st); break;
-    case 1: launch_bias_residual_scale<double, double>(y, bias, residual, scale, rows, n, st); break;
-    case 2: launch_bias_residual_scale<__half, float>(y, bias, residual, scale, rows, n, st); break;
-    case 3: launch_bias_residual_scale<__nv_bfloat16, float>(y, bias, residual, scale, rows, n, st); break;
-  }
+  dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    launch_bias_residual_scale<T, typename Acc<T>::type>(y, bias, residual, scale, rows, n,
+                                                         static_cast<cudaStream_t>(stream));
+  });
 }
 
 bool attn_flash_fwd_cuda(int dtype, const void* q, const void* keys, const void* values, const bool* mask,
                          const void* sigma, void* ctx, void* lse, const AttnSizes& s, void* stream) {
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: return launch_flash<float, float>(q, keys, values, mask, sigma, ctx, lse, s, st);
-    case 1: return launch_flash<double, double>(q, keys, values, mask, sigma, ctx, lse, s, st);
-    case 2: return launch_flash<__half, float>(q, keys, values, mask, sigma, ctx, lse, s, st);
-    case 3: return launch_flash<__nv_bfloat16, float>(q, keys, values, mask, sigma, ctx, lse, s, st);
-  }
-  return false;
+  bool launched = false;
+  dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    launched = launch_flash<T, typename Acc<T>::type>(q, keys, values, mask, sigma, ctx, lse, s,
+                                                      static_cast<cudaStream_t>(stream));
+  });
+  return launched;
 }
 
 }  // namespace convs2s

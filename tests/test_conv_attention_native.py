@@ -209,8 +209,8 @@ def test_bad_saved_tensor_in_backward():
                                                                       False)
     with pytest.raises(RuntimeError, match=r"lse \(saved\) must be \(B, Tt\) = \[2, 5\]"):
         torch.ops.convs2s.conv_attention_native_bwd(out, None, x, k, v, mask, w_in, w_out, q, ctx, lse[:, :3])
-    with pytest.raises(RuntimeError, match=r"lse must be the contiguous Float tensor saved by the forward"):
-        torch.ops.convs2s.conv_attention_native_bwd(out, None, x, k, v, mask, w_in, w_out, q, ctx, lse.double())
+    with pytest.raises(RuntimeError, match=r"lse must be the contiguous Double tensor saved by the forward"):
+        torch.ops.convs2s.conv_attention_native_bwd(out, None, x, k, v, mask, w_in, w_out, q, ctx, lse.float())
 
 
 @CUDA
@@ -258,8 +258,8 @@ def emulate_cuda_forward(t, mask, dtype):
     """conv_attention_fwd on CUDA, need_weights=False, 16-bit inputs `t` (named as INPUTS): the q GEMM and its
     epilogue, then flash_fwd_kernel (fp32 scores from the 16-bit q and K, online softmax in fp32: the same values
     as the exact fp32 softmax below up to fp32 rounding; ctx = acc * sigma / l stored to 16 bits, lse = m + log l
-    in fp32), then the out GEMM and its epilogue. Returns out (B, Tt, C) and the saved q, ctx (B, Tt, E),
-    lse (B, Tt) fp32."""
+    in fp64 from the fp32 m and l), then the out GEMM and its epilogue. Returns out (B, Tt, C) and the saved q,
+    ctx (B, Tt, E), lse (B, Tt) fp64."""
     x, te, k, v, w_in, b_in, w_out, b_out = (t[n] for n in INPUTS)
     B, Tt, C = x.shape
     Ts, E = k.shape[1], k.shape[2]
@@ -272,14 +272,14 @@ def emulate_cuda_forward(t, mask, dtype):
     e = torch.exp(s - m)
     l = e.sum(-1, keepdim=True)
     ctx = ((e @ v.to(_F32)) * (_sigma(mask, B, Ts)[:, None, None] / l)).to(dtype)
-    lse = (m + torch.log(l))[..., 0]
+    lse = (m.double() + torch.log(l.double()))[..., 0]
     out = _bias_residual_scale(_gemm(ctx.reshape(B * Tt, E), w_out.t(), dtype), b_out, x.reshape(B * Tt, C), dtype)
     return out.view(B, Tt, C), q, ctx, lse
 
 
 def emulate_cuda_backward(grad_out, t, mask, q, ctx, lse, dtype, fp32_scores=True):
     """conv_attention_bwd on CUDA without grad_attn: the grad_out GEMMs, the recomputed scores, softmax_bwd_kernel
-    (p = exp(score - lse), dp = sigma * dP, dot = sum p * dp in fp32; sigma * p and p * (dp - dot) stored to 16
+    (p = exp(float(score - lse)), the difference in fp64; dp = sigma * dP, dot = sum p * dp in fp32; sigma * p and p * (dp - dot) stored to 16
     bits), then the GEMMs of the input gradients. fp32_scores=True recomputes the scores as csrc/conv_attention.cpp
     does (an fp32 product of the 16-bit q and K); False rounds them to 16 bits, as a 16-bit at::bmm would (the
     defect: p's rows then do not sum to 1 against the forward's fp32 lse). Returns {input name: gradient}."""
@@ -294,7 +294,7 @@ def emulate_cuda_backward(grad_out, t, mask, q, ctx, lse, dtype, fp32_scores=Tru
     if not fp32_scores:
         s = s.to(dtype).to(_F32)
     dpt = _gemm(dctx, v.transpose(1, 2), dtype)
-    p = torch.exp(s - lse[..., None])
+    p = torch.exp((s.double() - lse[..., None]).to(_F32))
     if mask is not None:
         p = p.masked_fill(mask[:, None, :], 0.0)
     sg = _sigma(mask, B, Ts)[:, None, None]

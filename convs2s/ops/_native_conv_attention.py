@@ -4,7 +4,7 @@ autograd.
     torch.ops.convs2s.conv_attention_native_fwd(x, target_embedding, encoder_keys, encoder_values,
                                                 src_padding_mask, w_in, b_in, w_out, b_out, need_weights)
         -> (out (B, Tt, C), attn (B, Tt, Ts) if need_weights else (0,),
-            q (B, Tt, E), ctx (B, Tt, E), lse (B, Tt) fp32 (fp64 for fp64 inputs))   the last three for the backward
+            q (B, Tt, E), ctx (B, Tt, E), lse (B, Tt) fp64)   the last three for the backward
     torch.ops.convs2s.conv_attention_native_bwd(grad_out, grad_attn, x, encoder_keys, encoder_values,
                                                 src_padding_mask, w_in, w_out, q, ctx, lse)
         -> (grad_x, grad_target_embedding, grad_keys, grad_values, grad_w_in, grad_b_in, grad_w_out, grad_b_out)
@@ -23,17 +23,13 @@ import convs2s._C  # noqa: F401  (loading the extension registers torch.ops.conv
 from ._backend import register
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("convs2s::conv_attention_native_fwd")
 def _fwd_fake(x, target_embedding, encoder_keys, encoder_values, src_padding_mask, w_in, b_in, w_out, b_out,
               need_weights):
     B, Tt, _ = x.shape
     Ts, E = encoder_keys.shape[1], encoder_keys.shape[2]
     return (x.new_empty(x.shape), x.new_empty((B, Tt, Ts) if need_weights else (0,)), x.new_empty(B, Tt, E),
-            x.new_empty(B, Tt, E), x.new_empty(B, Tt, dtype=_stats_dtype(x.dtype)))
+            x.new_empty(B, Tt, E), x.new_empty(B, Tt, dtype=torch.float64))
 
 
 @torch.library.register_fake("convs2s::conv_attention_native_bwd")

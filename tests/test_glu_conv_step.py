@@ -244,3 +244,73 @@ def test_requires_grad_raises_under_grad_mode(backend, which):
     with torch.no_grad():                                       # the same call is fine without grad mode
         y = glu_conv_step(**inputs, backend=backend)
     assert not y.requires_grad
+
+
+def test_triton_refuses_float64():
+    need("triton", "cpu")
+    with pytest.raises(TypeError, match=r"triton backend of glu_conv_step runs .* got torch.float64"):
+        glu_conv_step(*make_inputs(2, 3, 4, 3), backend="triton")
+
+
+# ---- op registration: opcheck (schema incl. the mutation of conv_state, fake), torch.compile ---------------------
+
+def _custom_op(backend):
+    if backend == "native":
+        return torch.ops.convs2s.glu_conv_step_native.default
+    import convs2s.ops._triton_glu_conv_step as binding
+    return binding.glu_conv_step_op
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("bias,residual", [(True, True), (False, False)])
+def test_opcheck(backend, k, bias, residual):
+    need(backend, "cpu")
+    x, state, w, b, r = make_inputs(3, 16, 8, k, bias=bias, residual=residual, dtype=torch.float32)
+    torch.library.opcheck(_custom_op(backend), (x, state, w, b, r))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    """Two steps in one compiled graph: outputs and the state mutation match eager stepping of the reference."""
+    need(backend, "cpu")
+    x1, state, w, b, r = make_inputs(3, 16, 8, 3, dtype=torch.float32)
+    x2 = torch.randn_like(x1)
+
+    def two_steps(x1, x2, state, w, b, r):
+        y1 = glu_conv_step(x1, state, w, b, r, backend=backend)
+        return glu_conv_step(x2, state, w, b, y1, backend=backend)
+
+    state_ref = state.clone()
+    want = glu_conv_step_ref(x2, state_ref, w, b, glu_conv_step_ref(x1, state_ref, w, b, r))
+    torch._dynamo.reset()
+    got = torch.compile(two_steps, fullgraph=True, backend="aot_eager")(x1, x2, state, w, b, r)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(state, state_ref)
+
+
+# ---- bad inputs reaching the native op's C++ checks directly (the public op's Python checks bypassed) -----------
+
+@pytest.mark.parametrize("case,match", [
+    ("x rank", r"x must be \(B, C_in\), got shape \[2, 1, 3\]"),
+    ("state shape", r"conv_state must be \(B, k-1, C_in\) = \(2, 2, 3\), got shape \[2, 3, 3\]"),
+    ("state strided", r"conv_state must be contiguous \(it is updated in place\)"),
+    ("state dtype", r"conv_state has dtype Double but x has dtype Float"),
+    ("C_in = 0", r"x must have C_in >= 1 channels"),
+    ("odd GLU width", r"2\*C_out \(even, > 0\) for the GLU, got 7"),
+    ("residual", r"residual must be \(B, C_out\) = \(2, 4\), got shape \[2, 3\]"),
+    ("bias", r"bias must be \(2\*C_out,\) = \(8,\), got shape \[4\]"),
+])
+def test_native_cpp_checks(case, match):
+    need("native", "cpu")
+    x, s, w, b, r = make_inputs(2, 3, 4, 3, dtype=torch.float32)
+    args = {"x rank": (torch.randn(2, 1, 3), s, w, b, r),
+            "state shape": (x, torch.zeros(2, 3, 3), w, b, r),
+            "state strided": (x, torch.zeros(2, 3, 2).transpose(1, 2), w, b, r),
+            "state dtype": (x, s.double(), w, b, r),
+            "C_in = 0": (torch.randn(2, 0), torch.zeros(2, 2, 0), torch.randn(3, 0, 8), b, r),
+            "odd GLU width": (x, s, torch.randn(3, 3, 7), None, None),
+            "residual": (x, s, w, b, torch.randn(2, 3)),
+            "bias": (x, s, w, torch.randn(4), r)}[case]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.convs2s.glu_conv_step_native(*args)

@@ -27,15 +27,41 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_train(sub) -> None:
     from .train import TrainArgs
     d = TrainArgs()
-    p = sub.add_parser("train", help="train on Multi30k", description=(
-        "Train ConvS2S on Multi30k task 1. Launch with torchrun --nproc-per-node N for N processes "
-        "(gloo on CPU, NCCL on GPU)."))
-    p.add_argument("--preset", default=d.preset, help="model preset: auto (multi30k on a GPU, small on a CPU), "
-                   "tiny, small, multi30k, fconv_iwslt_de_en, ...")
+    from .train import ARCHS
+    p = sub.add_parser("train", help="train on Multi30k or one's own parallel corpus", description=(
+        "Train ConvS2S on Multi30k task 1 (--data) or on one's own files (--train PREFIX --valid PREFIX: "
+        "PREFIX.<src-lang> and PREFIX.<tgt-lang>, plain or .gz, one sentence a line). Launch with torchrun "
+        "--nproc-per-node N for N processes (gloo on CPU, NCCL on GPU)."))
+    p.add_argument("--arch", "--preset", dest="preset", default=d.preset, metavar="ARCH",
+                   help=f"model: auto (multi30k on a GPU, small on a CPU), {', '.join(ARCHS)}")
     p.add_argument("--data", default=None, help="folder of the Multi30k raw files (default: $CONVS2S_DATA, else "
                    "downloaded into ~/.cache/convs2s/multi30k)")
-    p.add_argument("--src-lang", default=d.src_lang, choices=("de", "en", "fr", "cs"))
-    p.add_argument("--tgt-lang", default=d.tgt_lang, choices=("de", "en", "fr", "cs"))
+    p.add_argument("--train", default=None, metavar="PREFIX",
+                   help="one's own training corpus: PREFIX.<src-lang> and PREFIX.<tgt-lang> (plain or .gz, UTF-8)")
+    p.add_argument("--valid", default=None, metavar="PREFIX", help="its validation set (with --train)")
+    p.add_argument("--src-lang", default=d.src_lang, help="de, en, fr, cs with Multi30k; any code with --train")
+    p.add_argument("--tgt-lang", default=d.tgt_lang)
+    p.add_argument("--cache-dir", default=None, help="encoded-corpus cache for --train (default: $CONVS2S_CACHE, "
+                   "else ~/.cache/convs2s/corpus)")
+    p.add_argument("--encode-workers", type=int, default=0, help="processes encoding a corpus (0 = every core)")
+    p.add_argument("--spm-sample", type=int, default=d.spm_sample,
+                   help="sentencepiece trains on at most this many lines per model, drawn uniformly (0 = all)")
+    p.add_argument("--max-len-ratio", type=float, default=d.max_len_ratio,
+                   help="drop training pairs whose longer side has more than this x the shorter side's subwords "
+                   "(0 = keep all; fairseq's WMT scripts use 1.5)")
+    g = p.add_argument_group("architecture overrides (fairseq's names; default: the --arch's)")
+    g.add_argument("--encoder-layers", type=_layers_arg, default=None, metavar="LAYERS",
+                   help='fairseq layer string, e.g. "[(512, 3)] * 9 + [(1024, 3)] * 4 + [(2048, 1)] * 2"')
+    g.add_argument("--decoder-layers", type=_layers_arg, default=None, metavar="LAYERS")
+    g.add_argument("--decoder-attention", type=_attention_arg, default=None, metavar="ATTN",
+                   help='"True", "False" or one flag per decoder layer, e.g. "[True, False, True]"')
+    g.add_argument("--encoder-embed-dim", type=int, default=None)
+    g.add_argument("--decoder-embed-dim", type=int, default=None)
+    g.add_argument("--decoder-out-embed-dim", type=int, default=None)
+    g.add_argument("--share-decoder-input-output-embed", action="store_true", default=None,
+                   help="tie the output projection to the decoder embedding (needs equal dims)")
+    g.add_argument("--max-source-positions", type=int, default=None)
+    g.add_argument("--max-target-positions", type=int, default=None)
     p.add_argument("--save-dir", default=d.save_dir, help="checkpoints (last.pt, best.pt) and train_log.jsonl")
     p.add_argument("--max-epochs", type=int, default=d.max_epochs, help="0 = no limit")
     p.add_argument("--max-updates", type=int, default=d.max_updates, help="0 = no limit")
@@ -57,7 +83,7 @@ def _add_train(sub) -> None:
     p.add_argument("--lr-shrink", type=float, default=d.lr_shrink,
                    help="lr multiplier when the validation loss stops improving")
     p.add_argument("--min-lr", type=float, default=None, help="stop below this lr (default lr * 1e-4)")
-    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    g.add_argument("--dropout", type=float, default=None, help="override the arch's dropout")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="sentencepiece vocabulary per model")
     p.add_argument("--spm-type", default=d.spm_type, choices=("bpe", "unigram"))
     p.add_argument("--joint-vocab", action="store_true", help="one sentencepiece model for both languages")
@@ -74,10 +100,53 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
+def _layers_arg(text: str) -> str:
+    """argparse type: a fairseq layer string, checked here, kept as text (TrainArgs holds plain values)."""
+    from .train import parse_layers
+    try:
+        parse_layers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--encoder-layers ", "")) from None
+    return text
+
+
+def _attention_arg(text: str) -> str:
+    from .train import parse_attention
+    try:
+        parse_attention(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--decoder-attention ", "")) from None
+    return text
+
+
 def _run_train(a: argparse.Namespace) -> int:
-    from .train import TrainArgs, train
+    from .corpus import CorpusError
+    from .data import LANGS
+    from .train import TrainArgs, model_fields, train
+    if a.train is None and a.valid is not None or a.train is not None and a.valid is None:
+        raise SystemExit("convs2s train: --train PREFIX and --valid PREFIX go together")
+    if a.train is not None and a.data is not None:
+        raise SystemExit("convs2s train: give either --data (Multi30k) or --train/--valid (one's own files)")
+    if a.train is None:
+        for option, lang in (("--src-lang", a.src_lang), ("--tgt-lang", a.tgt_lang)):
+            if lang not in LANGS:
+                raise SystemExit(f"convs2s train: {option} {lang!r}: Multi30k has {', '.join(LANGS)}; other "
+                                 "languages need one's own files (--train PREFIX --valid PREFIX)")
     fields = {f.name for f in dataclasses.fields(TrainArgs)}
-    train(TrainArgs(**{k: v for k, v in vars(a).items() if k in fields}))
+    args = TrainArgs(**{k: v for k, v in vars(a).items() if k in fields})
+    if args.resume is None:
+        import torch
+        arch = args.preset
+        if arch == "auto":                           # as train() resolves it
+            arch = "multi30k" if args.device != "cpu" and torch.cuda.is_available() else "small"
+        try:
+            model_fields(args, arch)                 # a bad architecture fails here, before any data is read
+        except ValueError as e:
+            raise SystemExit(f"convs2s train: {e}") from None
+    try:
+        train(args)
+    except CorpusError as e:
+        raise SystemExit(f"convs2s train: {e}") from None
     return 0
 
 

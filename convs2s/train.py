@@ -172,9 +172,15 @@ def model_fields(args: TrainArgs, arch: str) -> dict:
             value = parse_attention(value)
         fields[name] = value
     try:
-        ConvS2SConfig(src_vocab_size=8, tgt_vocab_size=8, **fields)
+        cfg = ConvS2SConfig(src_vocab_size=8, tgt_vocab_size=8, **fields)
     except (ValueError, TypeError) as e:
         raise ValueError(f"--arch {arch} with these overrides is not a valid model: {e}") from None
+    if any(cfg.decoder_attention) and cfg.encoder_embed_dim != cfg.decoder_embed_dim:
+        # Attention scores are decoder states (projected to decoder_embed_dim) x encoder outputs
+        # (encoder_embed_dim), as in fairseq's fconv: the two widths must agree.
+        raise ValueError(f"--arch {arch} with these overrides is not a valid model: decoder attention needs "
+                         f"encoder_embed_dim == decoder_embed_dim (got {cfg.encoder_embed_dim} and "
+                         f"{cfg.decoder_embed_dim})")
     return fields
 
 

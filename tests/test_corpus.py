@@ -256,3 +256,132 @@ def test_prepare_end_to_end(tmp_path):
     again = C.prepare(tmp_path / "train", tmp_path / "valid", "xx", "yy", vocab_size=70,
                       cache_dir=tmp_path / "cache", workers=1, log=logs.append)
     assert again.tokenizer.state() == c.tokenizer.state() and not any(s.startswith("encoded") for s in logs)
+
+
+# ------------------------------------------------------------------------------------- train, translate, evaluate
+
+@pytest.fixture()
+def files(tmp_path):
+    make_corpus(tmp_path / "train", n=120, src="xx", tgt="yy", gz_tgt=True)
+    make_corpus(tmp_path / "valid", n=12, src="xx", tgt="yy", seed=1)
+    return tmp_path
+
+
+def _train_argv(root, *extra):
+    return ["train", "--train", str(root / "train"), "--valid", str(root / "valid"), "--src-lang", "xx",
+            "--tgt-lang", "yy", "--arch", "tiny", "--cache-dir", str(root / "cache"), "--vocab-size", "70",
+            "--max-tokens", "400", "--num-threads", "1", "--no-progress", "--val-bleu-sentences", "4",
+            "--encode-workers", "1", *extra]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cli_trains_on_own_files_with_overrides_then_translates_and_evaluates(files, capsys):
+    from convs2s.checkpoint import load_checkpoint
+    from convs2s.cli import main
+    root = files
+    assert main(_train_argv(root, "--save-dir", str(root / "run"), "--max-updates", "3",
+                            "--encoder-layers", "[(32, 3)] * 2 + [(48, 3, 2)]", "--decoder-layers", "[(32, 3)] * 2",
+                            "--decoder-attention", "[True, False]", "--encoder-embed-dim", "20",
+                            "--decoder-embed-dim", "20", "--decoder-out-embed-dim", "20",
+                            "--share-decoder-input-output-embed", "--dropout", "0.0", "--max-len-ratio", "1.5")) == 0
+    out = capsys.readouterr().out
+    assert "training pairs (dropped " in out
+    ckpt = load_checkpoint(root / "run" / "last.pt")
+    cfg = ckpt["config"]
+    assert cfg["encoder_layers"] == [[32, 3, 1], [32, 3, 1], [48, 3, 2]] and cfg["decoder_layers"] == [[32, 3, 1]] * 2
+    assert cfg["decoder_attention"] == [True, False] and cfg["share_decoder_input_output_embed"]
+    assert (cfg["encoder_embed_dim"], cfg["decoder_embed_dim"], cfg["dropout"]) == (20, 20, 0.0)
+    assert ckpt["args"]["src_lang"] == "xx" and ckpt["args"]["train"] == str(root / "train")
+    # translate and evaluate need only the checkpoint.
+    (root / "in.xx").write_text("ein hund\nzwei frauen sitzen\n", encoding="utf-8")
+    assert main(["translate", "--checkpoint", str(root / "run" / "last.pt"), "--input", str(root / "in.xx"),
+                 "--output", str(root / "out.yy"), "--device", "cpu"]) == 0
+    assert len((root / "out.yy").read_text(encoding="utf-8").splitlines()) == 2
+    assert main(["evaluate", "--checkpoint", str(root / "run" / "last.pt"), "--src", str(root / "valid.xx"),
+                 "--ref", str(root / "valid.yy"), "--device", "cpu", "--metrics-json", str(root / "m.json")]) == 0
+    import json
+    m = json.loads((root / "m.json").read_text())
+    assert m["n"] == 12 and m["tgt_lang"] == "yy" and 0 <= m["bleu"] <= 100
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("mismatch", r"training corpus's sides differ in length: .*train\.xx has 120 lines but .*train\.yy\.gz has 119"),
+    ("utf8", r"valid\.xx, line 3: invalid UTF-8"),
+    ("empty", r"valid\.yy is empty"),
+    ("missing", r"validation set \(--valid\) has no yy side"),
+])
+def test_cli_bad_inputs_stop_before_any_training(files, problem, message):
+    from convs2s.cli import main
+    root = files
+    if problem == "mismatch":
+        write(root / "train.yy.gz", [f"zeile {i}" for i in range(119)])
+    elif problem == "utf8":
+        (root / "valid.xx").write_bytes(b"a\nb\n\xff\n" + b"c\n" * 9)
+    elif problem == "empty":
+        (root / "valid.yy").write_bytes(b"")
+    else:
+        (root / "valid.yy").unlink()
+    with pytest.raises(SystemExit, match=message):
+        main(_train_argv(root, "--save-dir", str(root / "run"), "--max-updates", "1"))
+    assert not (root / "run" / "last.pt").exists() and not list((root / "cache").glob("tokenizer-*"))
+
+
+def test_cli_option_errors(files, capsys):
+    from convs2s.cli import main
+    root = files
+    with pytest.raises(SystemExit, match="go together"):
+        main(["train", "--train", str(root / "train"), "--src-lang", "xx", "--tgt-lang", "yy"])
+    with pytest.raises(SystemExit, match="--src-lang 'xx': Multi30k has de, en, fr, cs"):
+        main(["train", "--src-lang", "xx", "--tgt-lang", "en"])
+    with pytest.raises(SystemExit, match="decoder_attention has 2 flags for 3 decoder layers"):
+        main(_train_argv(root, "--decoder-attention", "[True, False]"))
+    with pytest.raises(SystemExit, match="attention needs encoder_embed_dim == decoder_embed_dim"):
+        main(_train_argv(root, "--encoder-embed-dim", "24"))
+    with pytest.raises(SystemExit, match="unknown --arch 'fconv_big'"):
+        main(_train_argv(root)[:-2] + ["--arch", "fconv_big"])
+    with pytest.raises(SystemExit):
+        main(_train_argv(root, "--encoder-layers", "[(512, 3)] * 9 +"))
+    assert "cannot parse fairseq layer string" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_train_argv(root, "--decoder-layers", "__import__('os').system('true')"))
+    assert "only int/bool literals" in capsys.readouterr().err
+
+
+def test_arch_fields_and_overrides():
+    from convs2s.model import PRESETS, ConvS2SConfig
+    from convs2s.train import TrainArgs, arch_fields, model_fields, parse_attention, parse_layers
+    wmt = "[(512, 3)] * 9 + [(1024, 3)] * 4 + [(2048, 1)] * 2"
+    assert parse_layers(wmt) == PRESETS["fconv_wmt_en_de"]["encoder_layers"]
+    for name in ("fconv_wmt_en_de", "fconv_wmt_en_fr", "fconv_iwslt_de_en"):
+        assert arch_fields(name) == PRESETS[name]
+    fconv = ConvS2SConfig(src_vocab_size=10, tgt_vocab_size=10, **arch_fields("fconv"))   # fairseq's base fconv
+    assert len(fconv.encoder_layers) == 20 and fconv.decoder_out_embed_dim == 256
+    assert parse_attention("True") is True and parse_attention("[True, False]") == [True, False]
+    with pytest.raises(ValueError, match="list of them"):
+        parse_attention("[1, 0]")
+    with pytest.raises(ValueError, match="non-empty list of"):
+        parse_layers("[(512, 3, 1, 4)]")
+    with pytest.raises(ValueError, match="non-empty list of"):
+        parse_layers("[]")
+    fields = model_fields(TrainArgs(decoder_layers="[(64, 5)] * 2", decoder_attention="False", dropout=0.3,
+                                    max_source_positions=256), "fconv_wmt_en_de")
+    assert fields["decoder_layers"] == [(64, 5)] * 2 and fields["decoder_attention"] is False
+    assert fields["encoder_layers"] == PRESETS["fconv_wmt_en_de"]["encoder_layers"]
+    assert (fields["dropout"], fields["max_source_positions"]) == (0.3, 256)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_resume_from_the_cache_is_exact(files):
+    from convs2s.train import TrainArgs, train
+    root = files
+    kw = dict(train=str(root / "train"), valid=str(root / "valid"), src_lang="xx", tgt_lang="yy", preset="tiny",
+              cache_dir=str(root / "cache"), vocab_size=70, max_tokens=300, progress=False, num_threads=1,
+              val_bleu_sentences=0, deterministic=True, log_interval=1, encode_workers=1, train_subset=40)
+    full = train(TrainArgs(save_dir=str(root / "full"), max_updates=9, **kw))
+    train(TrainArgs(save_dir=str(root / "split"), max_updates=4, **kw))
+    from convs2s.checkpoint import load_checkpoint
+    assert load_checkpoint(root / "split" / "last.pt")["train_state"]["batch_in_epoch"] > 0    # stopped mid-epoch
+    resumed = train(TrainArgs(save_dir=str(root / "split"), max_updates=9, resume="", **kw))
+    assert full.metrics["epochs_completed"] >= 1            # the run crosses an epoch end
+    for (k, v), w in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(v, w), k

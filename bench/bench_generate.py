@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import math
 import time
+from functools import partial
 
 import torch
 
@@ -33,8 +34,15 @@ except ImportError:
     import common  # type: ignore
 
 from convs2s.model import ConvS2S
-from convs2s.ops import (BACKENDS, BackendUnavailableError, available_backends, conv_attention, glu_conv,
-                          glu_conv_step, resolve_backend)
+from convs2s.ops import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    conv_attention,
+    glu_conv,
+    glu_conv_step,
+    resolve_backend,
+)
 from convs2s.search import beam_search
 
 IMPLS = ("greedy-incremental", "greedy-full", "beam5-incremental", "beam5-full")
@@ -123,12 +131,12 @@ def step_micro(device, dtype, rows: int, backends) -> list[dict]:
     conv_state = window[:, 1:].contiguous()
     for backend in backends:
         cases = {
-            ("glu_conv_step", "op"): lambda: glu_conv_step(x1[:, 0], conv_state, weight, bias, backend=backend),
-            ("glu_conv_step", "window-causal-last"): lambda: glu_conv(window, weight, bias, causal=True,
-                                                                      backend=backend)[:, -1:],
-            ("glu_conv_step", "flattened-k1"): lambda: glu_conv(flat_x, flat_w, bias, causal=True, backend=backend),
-            ("conv_attention_step", "Tt1"): lambda: conv_attention(x1, emb, keys, values, mask, w_in, b_in, w_out,
-                                                                    b_out, backend=backend),
+            ("glu_conv_step", "op"): partial(glu_conv_step, x1[:, 0], conv_state, weight, bias, backend=backend),
+            ("glu_conv_step", "window-causal-last"): lambda b=backend: glu_conv(window, weight, bias, causal=True,
+                                                                                backend=b)[:, -1:],
+            ("glu_conv_step", "flattened-k1"): partial(glu_conv, flat_x, flat_w, bias, causal=True, backend=backend),
+            ("conv_attention_step", "Tt1"): partial(conv_attention, x1, emb, keys, values, mask, w_in, b_in, w_out,
+                                                    b_out, backend=backend),
         }
         for (op, impl), fn in cases.items():
             t = common.timeit(fn, device, min_run_time=0.2)
@@ -161,7 +169,8 @@ def prepare_vs_step(model, src, device, autocast) -> list[dict]:
     with autocast():
         weights = model.decoder.prepare_step(device)
         t = common.timeit(lambda: model.decoder.prepare_step(device), device, min_run_time=0.5)
-        rows.append({"op": "prepare_step", "impl": "weight-norm+cast", "shape": f"{len(model.decoder.layers)} layers", **t})
+        rows.append({"op": "prepare_step", "impl": "weight-norm+cast", "shape": f"{len(model.decoder.layers)} layers",
+                     **t})
         enc = model.encode(src)
         for beam in (1, 5):
             rep = torch.arange(src.shape[0], device=device).repeat_interleave(beam)
@@ -170,7 +179,7 @@ def prepare_vs_step(model, src, device, autocast) -> list[dict]:
             for _ in range(9):
                 model.decoder.step(tokens, state)
 
-            def one_step():                     # the same position each time; the windows' values do not matter
+            def one_step(state=state, tokens=tokens):  # the same position each time; the windows' values do not matter
                 state.step = 9
                 return model.decoder.step(tokens, state)
             t = common.timeit(one_step, device, min_run_time=0.5)
@@ -197,7 +206,8 @@ def main(argv=None) -> list[dict]:
                     help="CPU threads (default torch's); 1 on a shared machine, where process CPU time "
                          "(cpu_s) is then the robust measure")
     ap.add_argument("--no-step-micro", dest="step_micro", action="store_false")
-    ap.add_argument("--quick", action="store_true", help="a dry run: few sentences on CPU, full recompute on 100 on CUDA")
+    ap.add_argument("--quick", action="store_true",
+                    help="a dry run: few sentences on CPU, full recompute on 100 on CUDA")
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -225,7 +235,8 @@ def main(argv=None) -> list[dict]:
         batches = make_batches(src_len[:n], tgt_len[:n], args.vocab, batch_sentences, device)
         r = bench_decoding(model, batches, impl, device, autocast, repeats)
         r.update(op="generate", preset=args.preset, backend=resolved, dtype=dtype, batch_sentences=batch_sentences,
-                 threads=torch.get_num_threads(), shape=f"{n} flickr-like sentences, src {src_len[:n].float().mean():.1f} tgt "
+                 threads=torch.get_num_threads(),
+                 shape=f"{n} flickr-like sentences, src {src_len[:n].float().mean():.1f} tgt "
                        f"{tgt_len[:n].float().mean():.1f} tokens (forced), vocab {args.vocab}")
         rows.append(r)
         print(f"{impl:>20}: {r['sentences_per_s']:8.1f} sentences/s  ({n} sentences in {r['wall_s']:.2f} s)")
@@ -254,7 +265,8 @@ def main(argv=None) -> list[dict]:
         micro_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         rows += step_micro(device, micro_dtype, 5000 if cuda else 64, step_backends(device))
     common.print_table(rows, ["op", "impl", "backend", "sentences", "wall_s", "cpu_s", "sentences_per_s",
-                              "speedup_incremental_vs_full", "cpu_speedup_incremental_vs_full", "cpu_speedup_decoder_only",
+                              "speedup_incremental_vs_full", "cpu_speedup_incremental_vs_full",
+                              "cpu_speedup_decoder_only",
                               "ms", "ms_p20", "ms_p80"])
     if args.out:
         common.write_json(args.out, "generate", rows, quick=args.quick, preset=args.preset, dtype=dtype,

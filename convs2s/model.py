@@ -81,7 +81,7 @@ class ConvS2SConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ConvS2SConfig":
+    def from_dict(cls, d: dict) -> ConvS2SConfig:
         return cls(**d)
 
 
@@ -94,6 +94,8 @@ def _layer_spec(spec) -> tuple[int, int, int]:
         raise ValueError(f"a layer is (channels >= 1, kernel width >= 1[, residual distance >= 0]), got {spec}")
     return spec
 
+
+_WMT_EN_FR_LAYERS = [(512, 3)] * 6 + [(768, 3)] * 4 + [(1024, 3)] * 3 + [(2048, 1)] + [(4096, 1)]
 
 PRESETS: dict[str, dict] = {
     # For tests: every code path (projection, even kernel, k=1, residual distance 2 and 0, attention subset).
@@ -113,11 +115,8 @@ PRESETS: dict[str, dict] = {
     "fconv_wmt_en_de": dict(encoder_embed_dim=768, encoder_layers=[(512, 3)] * 9 + [(1024, 3)] * 4 + [(2048, 1)] * 2,
                             decoder_embed_dim=768, decoder_layers=[(512, 3)] * 9 + [(1024, 3)] * 4 + [(2048, 1)] * 2,
                             decoder_out_embed_dim=512, dropout=0.1),
-    "fconv_wmt_en_fr": dict(encoder_embed_dim=768,
-                            encoder_layers=[(512, 3)] * 6 + [(768, 3)] * 4 + [(1024, 3)] * 3 + [(2048, 1)] + [(4096, 1)],
-                            decoder_embed_dim=768,
-                            decoder_layers=[(512, 3)] * 6 + [(768, 3)] * 4 + [(1024, 3)] * 3 + [(2048, 1)] + [(4096, 1)],
-                            decoder_out_embed_dim=512, dropout=0.1),
+    "fconv_wmt_en_fr": dict(encoder_embed_dim=768, encoder_layers=_WMT_EN_FR_LAYERS, decoder_embed_dim=768,
+                            decoder_layers=_WMT_EN_FR_LAYERS, decoder_out_embed_dim=512, dropout=0.1),
 }
 
 
@@ -150,7 +149,8 @@ def positions(tokens: torch.Tensor, pad_idx: int) -> torch.Tensor:
 
 
 def _check_tokens(name: str, tokens, max_positions: int) -> None:
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point() or tokens.dtype == torch.bool:
+    if (not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point()
+            or tokens.dtype == torch.bool):
         got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"{name} must be an integer tensor (B, T), got {got}"
                          + (f" of dtype {tokens.dtype}" if isinstance(tokens, torch.Tensor) else ""))
@@ -222,12 +222,29 @@ class Encoder(nn.Module):
         return EncoderOut(x, values, mask)
 
 
+class StepLinear(NamedTuple):
+    """A linear layer's weights for step(), weight norm applied and cast: x (..., in) -> (..., out)."""
+    weight: torch.Tensor                    # (out, in)
+    bias: torch.Tensor                      # (out,)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _step_linear(module: nn.Module, dtype: torch.dtype):
+    """A linear module's form for step(): its own prepare_step(dtype) where it has one (int8 layers, see
+    convs2s.quantize), else a StepLinear of its effective weight."""
+    if hasattr(module, "prepare_step"):
+        return module.prepare_step(dtype)
+    return StepLinear(module.weight.detach().to(dtype), module.bias.detach().to(dtype))
+
+
 @dataclass
 class LayerStepWeights:
     """One DecoderLayer's weights for step(), in the compute dtype."""
     conv_weight: torch.Tensor               # (k, C_in, 2*C) TBC, weight norm applied
     conv_bias: torch.Tensor                 # (2*C,)
-    proj: tuple | None                      # (weight (C, C_res), bias (C,)) where the residual's width differs
+    proj: StepLinear | None                 # C_res -> C where the residual's width differs
     attention: tuple | None                 # (w_in (E, C), b_in (E,), w_out (C, E), b_out (C,)) or None
     conv_backend: str                       # the resolved backends of glu_conv_step and conv_attention
     attention_backend: str
@@ -244,10 +261,10 @@ class StepWeights:
     dtype: torch.dtype                      # the compute dtype (see Decoder.step_dtype)
     embed_tokens: torch.Tensor              # (V_tgt, E) parameter dtype: rows are cast after the lookup
     embed_positions: torch.Tensor           # (max_target_positions + 1, E)
-    fc1: tuple                              # (weight (C_0, E), bias (C_0,))
+    fc1: StepLinear                         # E -> C_0
     layers: list                            # [LayerStepWeights] per decoder layer
-    fc2: tuple                              # (weight (E_out, C_L), bias (E_out,))
-    fc3: tuple                              # (weight (V_tgt, E_out), bias (V_tgt,))
+    fc2: StepLinear                         # C_L -> E_out
+    fc3: StepLinear                         # E_out -> V_tgt
 
 
 @dataclass
@@ -259,7 +276,8 @@ class DecoderState:
     weights: StepWeights
     enc: EncoderOut                         # keys, values (B, Ts, E) in the compute dtype; padding_mask (B, Ts)
                                             # bool, or None when no sentence has padding
-    conv_states: list                       # per layer (B, k-1, C_in): its last k-1 inputs, oldest first; None for k = 1
+    conv_states: list                       # per layer (B, k-1, C_in): its last k-1 inputs, oldest first;
+                                            # None for k = 1
     step: int = 0                           # tokens consumed so far
 
     @property
@@ -321,17 +339,16 @@ class DecoderLayer(nn.Module):
                                        enc.padding_mask, *weights.attention, need_weights=need_weights,
                                        backend=weights.attention_backend)       # (B, 1, C), (B, 1, Ts)
             return out[:, 0], (attn[:, 0] if need_weights else None)
-        return self._block(x, residual, lambda r: F.linear(r, *weights.proj), conv, attend)
+        return self._block(x, residual, weights.proj, conv, attend)
 
+    @torch.no_grad()
     def prepare_step(self, dtype: torch.dtype, conv_backend: str, attention_backend: str) -> LayerStepWeights:
         """This layer's weights for step(): weight norm applied, cast to `dtype`, detached."""
-        def linear(m):
-            return m.weight.detach().to(dtype), m.bias.detach().to(dtype)
         attention = None if self.attention is None else (
-            linear(self.attention.in_projection) + linear(self.attention.out_projection))
+            *_step_linear(self.attention.in_projection, dtype), *_step_linear(self.attention.out_projection, dtype))
         return LayerStepWeights(
             conv_weight=self.conv.weight.detach().to(dtype), conv_bias=self.conv.bias.detach().to(dtype),
-            proj=None if self.proj is None else linear(self.proj), attention=attention,
+            proj=None if self.proj is None else _step_linear(self.proj, dtype), attention=attention,
             conv_backend=conv_backend, attention_backend=attention_backend)
 
 
@@ -414,14 +431,11 @@ class Decoder(nn.Module):
         dtype = self.step_dtype(device)
         conv_backend = resolve_backend("glu_conv_step", self.cfg.backend, device)
         attention_backend = resolve_backend("conv_attention", self.cfg.backend, device)
-
-        def linear(m):
-            return m.weight.detach().to(dtype), m.bias.detach().to(dtype)
         return StepWeights(
             device=device, dtype=dtype, embed_tokens=self.embed_tokens.weight.detach(),
-            embed_positions=self.embed_positions.weight.detach(), fc1=linear(self.fc1),
+            embed_positions=self.embed_positions.weight.detach(), fc1=_step_linear(self.fc1, dtype),
             layers=[layer.prepare_step(dtype, conv_backend, attention_backend) for layer in self.layers],
-            fc2=linear(self.fc2), fc3=linear(self.fc3))
+            fc2=_step_linear(self.fc2, dtype), fc3=_step_linear(self.fc3, dtype))
 
     @torch.no_grad()
     def init_state(self, enc: EncoderOut, weights: StepWeights | None = None) -> DecoderState:
@@ -467,11 +481,11 @@ class Decoder(nn.Module):
             raise ValueError(f"step {state.step} reaches position {position} > max_target_positions = "
                              f"{self.cfg.max_target_positions}")
         emb = (F.embedding(tokens, w.embed_tokens) + w.embed_positions[position]).to(w.dtype)   # (B, E)
-        x = F.linear(emb, *w.fc1)                                                 # (B, C_0)
+        x = w.fc1(emb)                                                            # (B, C_0)
         x, attentions = self._run_layers(x, lambda i, layer, x, residual: layer.step(
             x, emb, state.enc, residual, w.layers[i], state.conv_states[i], need_weights))     # (B, C_L)
-        x = F.linear(x, *w.fc2)                                                   # (B, E_out)
-        logits = F.linear(x, *w.fc3)                                              # (B, V_tgt)
+        x = w.fc2(x)                                                              # (B, E_out)
+        logits = w.fc3(x)                                                         # (B, V_tgt)
         state.step += 1
         return logits, (attentions if need_weights else [])
 
@@ -528,7 +542,7 @@ class ConvS2S(nn.Module):
 
     @classmethod
     def uninitialized(cls, cfg: ConvS2SConfig, *, device: torch.device | str = "cpu",
-                      dtype: torch.dtype | None = None) -> "ConvS2S":
+                      dtype: torch.dtype | None = None) -> ConvS2S:
         """A ConvS2S whose parameters are allocated but not initialised, to load a state dict into: built on the
         meta device, so an fconv_wmt_en_de-sized model takes 0.05 s instead of 2.8 s of random initialisation
         (2-core CPU)."""
@@ -542,7 +556,7 @@ class ConvS2S(nn.Module):
         return model
 
     @classmethod
-    def from_preset(cls, name: str, src_vocab_size: int, tgt_vocab_size: int, **overrides) -> "ConvS2S":
+    def from_preset(cls, name: str, src_vocab_size: int, tgt_vocab_size: int, **overrides) -> ConvS2S:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(ConvS2SConfig(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,

@@ -54,18 +54,33 @@ def translate_batched(model, sources: Sequence[Sequence[int]], *, max_tokens: in
     its first max_source_positions - 1 ids + its EOS. They are sorted by length and grouped into batches of at
     most max(max_tokens, longest source) padded source tokens (batch size x its longest source, fairseq-generate's
     --max-tokens), padded on the left (left_pad, as fairseq pads sources) or right, and each batch is searched
-    on the model's device. Each sentence's length limit comes from its own length, so a sentence's hypotheses do
-    not depend on its batch beyond floating-point rounding of the padded computation.
+    on the model's device (in eval mode; the model's mode is restored). Each sentence's length limit comes from
+    its own length, so a sentence's hypotheses do not depend on its batch beyond floating-point rounding of the
+    padded computation. The decoder's step weights are prepared once for all batches, under the caller's
+    autocast setting.
     """
     if not sources:
         return []
-    cfg = model.config
-    device = next(model.parameters()).device
-    limit = cfg.max_source_positions
+    limit = model.config.max_source_positions
     sources = [list(s) if len(s) <= limit else list(s[:limit - 1]) + [s[-1]] for s in sources]
     sizes = [len(s) for s in sources]
     if min(sizes) == 0:
         raise ValueError("every source needs at least its EOS; got an empty id list")
+    was_training = model.training
+    model.eval()
+    try:
+        return _search_batches(model, sources, sizes, max_tokens, left_pad, beam=beam, nbest=nbest,
+                               max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len, len_penalty=len_penalty,
+                               need_attention=need_attention)
+    finally:
+        model.train(was_training)
+
+
+def _search_batches(model, sources, sizes, max_tokens, left_pad, **search) -> list[list[Hypothesis]]:
+    """translate_batched's loop over token batches, the model in eval mode; `search`: beam_search's options."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    weights = model.decoder.prepare_step(device)
     out: list[list[Hypothesis]] = [[] for _ in sources]
     for batch in token_batches(sizes, sizes, max(max_tokens, max(sizes))):
         idx = [int(i) for i in batch]
@@ -78,9 +93,7 @@ def translate_batched(model, sources: Sequence[Sequence[int]], *, max_tokens: in
             else:
                 src[row, :sizes[i]] = ids
         lengths = torch.tensor([sizes[i] for i in idx], dtype=torch.long)
-        hyps = beam_search(model, src.to(device), lengths.to(device), beam=beam, nbest=nbest, max_len_a=max_len_a,
-                           max_len_b=max_len_b, min_len=min_len, len_penalty=len_penalty,
-                           need_attention=need_attention)
+        hyps = beam_search(model, src.to(device), lengths.to(device), step_weights=weights, **search)
         for i, hs in zip(idx, hyps):
             out[i] = hs
     return out

@@ -28,7 +28,7 @@ def _recording(monkeypatch):
     fed = []
 
     def recording(model, src, lengths, **k):
-        fed.append((src.clone(), lengths.tolist()))
+        fed.append((src.clone(), lengths.tolist(), k.get("step_weights")))
         return beam_search(model, src, lengths, **k)
     monkeypatch.setattr(gen, "beam_search", recording)
     return fed
@@ -42,10 +42,10 @@ def test_input_order_and_one_by_one_equality_across_sorted_batches(model, monkey
     got = gen.translate_batched(model, sources, max_tokens=24, left_pad=left_pad, beam=3, nbest=2, max_len_b=6)
     # Several batches, each of at most max(24, 14) padded source tokens, in increasing length.
     assert len(fed) > 2
-    widths = [src.shape[1] for src, _ in fed]
-    assert widths == sorted(widths) and all(src.numel() <= 24 for src, _ in fed)
-    assert sorted(n for _, lens in fed for n in lens) == sorted(lengths)
-    for src, lens in fed:
+    widths = [src.shape[1] for src, *_ in fed]
+    assert widths == sorted(widths) and all(src.numel() <= 24 for src, *_ in fed)
+    assert sorted(n for _, lens, _ in fed for n in lens) == sorted(lengths)
+    for src, lens, _ in fed:
         real = src.ne(model.config.pad_idx)
         pad_first = torch.arange(src.shape[1]) < src.shape[1] - torch.tensor(lens)[:, None]
         assert torch.equal(real, ~pad_first if left_pad else ~torch.flip(pad_first, [1]))
@@ -70,7 +70,7 @@ def test_one_batch_when_the_budget_allows(model, monkeypatch):
 def test_a_source_longer_than_the_budget_gets_a_batch_of_its_own(model, monkeypatch):
     fed = _recording(monkeypatch)
     gen.translate_batched(model, _sources([3, 40, 3]), max_tokens=10, beam=1, max_len_b=2)
-    assert sorted(lens for _, lens in fed) == [[3, 3], [40]]
+    assert sorted(lens for _, lens, _ in fed) == [[3, 3], [40]]
 
 
 def test_long_sources_are_cut_keeping_eos(model, monkeypatch):
@@ -78,7 +78,7 @@ def test_long_sources_are_cut_keeping_eos(model, monkeypatch):
     limit = model.config.max_source_positions
     long = _sources([limit + 9])[0]
     got = gen.translate_batched(model, [long], beam=1, max_len_b=2)
-    src, lens = fed[0]
+    src, lens, _ = fed[0]
     assert lens == [limit] and src[0].tolist() == long[:limit - 1] + [EOS]
     assert len(got) == 1 and got[0][0].tokens[-1].item() == EOS
 
@@ -87,3 +87,18 @@ def test_empty_input_and_empty_source(model):
     assert gen.translate_batched(model, []) == []
     with pytest.raises(ValueError, match="at least its EOS"):
         gen.translate_batched(model, [[5, EOS], []])
+
+
+def test_step_weights_prepared_once_for_all_batches_and_mode_restored(model, monkeypatch):
+    fed = _recording(monkeypatch)
+    prepared = []
+    real = model.decoder.prepare_step
+    monkeypatch.setattr(model.decoder, "prepare_step", lambda *a, **k: prepared.append(real(*a, **k)) or prepared[-1])
+    model.train()                                 # as validation BLEU finds it during training
+    try:
+        gen.translate_batched(model, _sources([3, 9, 14, 5, 7]), max_tokens=12, beam=2, max_len_b=3)
+        assert model.training
+    finally:
+        model.eval()
+    assert len(fed) > 1 and len(prepared) == 1
+    assert all(w is prepared[0] for *_, w in fed)

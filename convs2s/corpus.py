@@ -307,7 +307,9 @@ def encode_pair(pair: PairFiles, tok: Tokenizer, cache_dir: str | os.PathLike, *
     if not (folder / "meta.json").is_file():
         t0 = time.time()
         workers = workers if workers is not None else (os.cpu_count() or 1)
-        if sum(p.stat().st_size for p in pair) <= block_bytes:
+        # gzip'd text is ~3-4x smaller than the text itself (Multi30k train.en: 0.57 MB vs 1.8 MB).
+        text_bytes = sum(p.stat().st_size * (4 if p.suffix == ".gz" else 1) for p in pair)
+        if text_bytes <= block_bytes:
             workers = 1                      # one block: starting a pool (~0.3 s) would cost more than it saves
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".corpus-{key}."))

@@ -424,7 +424,7 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def prepare_step(self, device: torch.device | str | None = None) -> StepWeights:
         """The weights step() uses, weight norm applied and cast to step_dtype(device) once (under the autocast
-        setting the steps will run under). Costs about as much as a few steps (see beam_search)."""
+        setting the steps will run under). Costs about one decoding step (see convs2s.search)."""
         if self.training:
             raise RuntimeError("incremental decoding runs in eval mode (no dropout); call model.eval() first")
         device = self.embed_tokens.weight.device if device is None else torch.device(device)
@@ -446,7 +446,8 @@ class Decoder(nn.Module):
         if len(weights.layers) != len(self.layers):
             raise ValueError(f"weights were prepared for {len(weights.layers)} decoder layers, this decoder has "
                              f"{len(self.layers)}")
-        if weights.device != device or weights.dtype != self.step_dtype(device):
+        same_device = weights.device.type == device.type and weights.device.index in (None, device.index)
+        if not same_device or weights.dtype != self.step_dtype(device):
             raise ValueError(f"weights were prepared for {weights.dtype} on {weights.device}, but steps on {device} "
                              f"here run in {self.step_dtype(device)}: prepare them under the same device and "
                              "autocast setting")

@@ -106,9 +106,10 @@ def _step_kernel(
     for k0 in range(0, C_in, BLOCK_K):
         offs_c = k0 + offs_k
         c_ok = offs_c < C_in
-        a = tl.load(x_ptr + rows[:, None] * stride_xb + offs_c.to(tl.int64)[None, :] * stride_xc,
+        offs_c64 = offs_c.to(tl.int64)
+        a = tl.load(x_ptr + rows[:, None] * stride_xb + offs_c64[None, :] * stride_xc,
                     mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-        w_off = (KSIZE - 1) * stride_wk.to(tl.int64) + offs_c.to(tl.int64) * stride_wc
+        w_off = (offs_c64 * 0 + (KSIZE - 1)) * stride_wk + offs_c64 * stride_wc     # int64 tap offset
         acc_a, acc_g = _accumulate(acc_a, acc_g, a, w_ptr, w_off, c_ok, offs_n64, n_ok, C_out, stride_wn,
                                    DOT_FP32, INPUT_PRECISION)
 

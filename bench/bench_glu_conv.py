@@ -1,7 +1,7 @@
 """glu_conv benchmark: forward, backward and forward+backward of every implementation usable here.
 
 Implementations: eager (glu_conv_ref), compile (torch.compile(glu_conv_ref)), triton and native (when
-convs2s.ops.available_backends says they run here and the op has that backend). With --recompute also
+convs2s.ops.resolve_backend says the op has that backend and it runs here). With --recompute also
 triton-recompute: the Triton backend with the pre-GLU activation recomputed in backward instead of saved (the
 measurement behind kernels/glu_conv.py's choice; not part of the default rows). On CUDA also triton-dwgemm: the
 Triton backend with dW from cuBLAS GEMMs over shifted views (kernels/glu_conv.py CONVS2S_TRITON_DW=gemm), the
@@ -37,19 +37,26 @@ try:
 except ImportError:  # run as a script
     import common  # type: ignore
 
-from convs2s.ops import BackendUnavailableError, available_backends, glu_conv, glu_conv_ref
+from convs2s.ops import BackendUnavailableError, glu_conv, glu_conv_ref, resolve_backend
 
 SHAPES = [(64, 32, 512, 512, 3), (16, 512, 512, 512, 3), (64, 32, 1024, 1024, 3), (16, 512, 1024, 1024, 3)]
 QUICK_SHAPES = [(2, 8, 16, 16, 3), (2, 12, 24, 24, 5)]
 
 
+def _runs_here(backend: str, device: torch.device) -> bool:
+    """Whether glu_conv has `backend` and it runs `device` tensors here."""
+    try:
+        return resolve_backend("glu_conv", backend, device) == backend
+    except BackendUnavailableError:
+        return False
+
+
 def impls(device: torch.device, recompute: bool = False) -> list[str]:
-    avail = available_backends(device)
     out = ["eager", "compile"]
-    if avail["triton"] is None:
+    if _runs_here("triton", device):
         out += ["triton"] + (["triton-dwgemm"] if device.type == "cuda" else [])
         out += ["triton-recompute"] if recompute else []
-    if avail["native"] is None:
+    if _runs_here("native", device):
         out.append("native")
     return out
 
@@ -125,7 +132,7 @@ def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
         if kernels:                          # read at backward time, so it holds for all of this impl's passes
             kernels.DW_IMPL = "gemm" if impl == "triton-dwgemm" else dw_default
         op = _op(impl)
-        fwd = lambda: op(*args)  # noqa: E731
+        fwd = lambda op=op: op(*args)  # noqa: E731
         try:
             with torch.no_grad():
                 diff = (op(*args).float() - want).abs().max().item()
@@ -138,10 +145,10 @@ def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
             rows.append({"op": "glu_conv", "shape": shape_s, "impl": impl, "error": f"{type(e).__name__}: {e}"})
             continue
 
-        def bwd():
+        def bwd(out=out):
             return torch.autograd.grad(out, args, dy, retain_graph=True)
 
-        def both():
+        def both(fwd=fwd):
             return torch.autograd.grad(fwd(), args, dy)
 
         for pname, fn, mult in (("fwd", fwd, 1.0), ("bwd", bwd, 2.0), ("fwd+bwd", both, 3.0)):
@@ -164,7 +171,7 @@ def bench_shape(shape, device, dtype, impl_list) -> list[dict]:
             # progress, so a run cut short at its time limit still shows what it measured
             print(f"  {shape_s} {pname} {impl}: {t['ms']:.4g} ms ({launched['ms']:.4g} with launches), "
                   f"{tflops:.3g} TFLOP/s", file=sys.stderr)
-        del out
+        del out, bwd, fn
     if kernels:
         kernels.DW_IMPL = dw_default
     return rows

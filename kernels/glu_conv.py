@@ -40,7 +40,7 @@ import os
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE, INTERPRET, autotune_configs
+from ._common import AUTOTUNE, INTERPRET, autotune_configs, cast_for_store
 
 # CONVS2S_TRITON_DW=gemm: dW by k cuBLAS GEMMs over row-shifted views of x and dh (_dw_gemm) instead of
 # _dw_kernel. Why a candidate: _dw_kernel ran at 243 TFLOP/s on the H200 where one cuBLAS GEMM of the same FLOPs
@@ -60,8 +60,12 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
 # GPU autotune candidates, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). tl.dot tiles are >= 16 in every
 # dimension (NVIDIA's minimum). Configs that overflow shared memory (fp32 with deep pipelines) are skipped by the
 # autotuner. The forward's BLOCK_N counts channels of each GLU half: its tile is BLOCK_M x 2*BLOCK_N.
-FWD_CONFIGS = [_config(128, 64, 64, 4, 4), _config(128, 128, 64, 8, 3), _config(64, 64, 64, 4, 4),
-               _config(256, 64, 64, 8, 3)]
+# Every config compiles for sm_90 without register spills (Triton 3.8's ptxas, bf16, contiguous 512 channels;
+# tests/ops/test_glu_conv.py checks it). The forward's two fp32 accumulators take 2*BLOCK_M*BLOCK_N/threads registers
+# per thread: (128, 64) on 4 warps (128 of them) spilled 72-104 bytes per thread, as did (128, 128) and (256, 64) on
+# 8 warps; (128, 64) on 8 warps uses 128 registers, (64, 128) on 4 warps 255 without spilling.
+FWD_CONFIGS = [_config(128, 64, 64, 8, 3), _config(64, 128, 64, 4, 3), _config(64, 64, 64, 4, 4),
+               _config(128, 32, 64, 4, 4)]
 DX_CONFIGS = [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4),
               _config(128, 256, 64, 8, 3)]
 DW_CONFIGS = [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4),
@@ -157,15 +161,15 @@ def _fwd_kernel(
     rows = offs_m.to(tl.int64)
     if STORE_H:
         h_ptrs = h_ptr + rows[:, None] * (2 * C_out) + offs_n64[None, :]
-        tl.store(h_ptrs, acc_a.to(h_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(h_ptrs + C_out, acc_g.to(h_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(h_ptrs, cast_for_store(acc_a, h_ptr), mask=out_mask)
+        tl.store(h_ptrs + C_out, cast_for_store(acc_g, h_ptr), mask=out_mask)
     if STORE_Y:
         y = acc_a * tl.sigmoid(acc_g)
         if HAS_RES:
             r_ptrs = (res_ptr + b[:, None] * stride_rb + t.to(tl.int64)[:, None] * stride_rt
                       + offs_n64[None, :] * stride_rc)
             y = (y + tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)) * _SQRT_HALF
-        tl.store(y_ptr + rows[:, None] * C_out + offs_n64[None, :], y.to(y_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(y_ptr + rows[:, None] * C_out + offs_n64[None, :], cast_for_store(y, y_ptr), mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,14 +206,14 @@ def _glu_bwd_kernel(
     if HAS_RES:
         dy = dy * _SQRT_HALF                   # d/dg of (g + r) * sqrt(0.5); also the residual's gradient
         if STORE_DRES:
-            tl.store(dres_ptr + rows[:, None] * C_out + offs_n[None, :], dy.to(dres_ptr.dtype.element_ty),
+            tl.store(dres_ptr + rows[:, None] * C_out + offs_n[None, :], cast_for_store(dy, dres_ptr),
                      mask=mask)
     sig = tl.sigmoid(g)
     da = dy * sig
     dg = dy * a * sig * (1.0 - sig)
     dh_ptrs = dh_ptr + rows[:, None] * (2 * C_out) + offs_n[None, :]
-    tl.store(dh_ptrs, da.to(dh_ptr.dtype.element_ty), mask=mask)
-    tl.store(dh_ptrs + C_out, dg.to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh_ptrs, cast_for_store(da, dh_ptr), mask=mask)
+    tl.store(dh_ptrs + C_out, cast_for_store(dg, dh_ptr), mask=mask)
     if STORE_DB:
         # db from the fp32 dh (masked rows hold zeros); row blocks are summed on the host in a fixed order.
         dbp = dbp_ptr + pid_m.to(tl.int64) * (2 * C_out) + offs_n
@@ -263,7 +267,7 @@ def _dx_kernel(
         acc = _mma(acc, dh, wt, DOT_FP32, INPUT_PRECISION)
 
     dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * C_in + offs_c.to(tl.int64)[None, :]
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+    tl.store(dx_ptrs, cast_for_store(acc, dx_ptr), mask=m_ok[:, None] & c_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,7 +321,7 @@ def _dw_kernel(
 
     dw_ptrs = (dw_ptr + split.to(tl.int64) * stride_ds + j.to(tl.int64) * stride_dk + offs_c64[:, None] * stride_dc
                + offs_n64[None, :] * stride_dn)
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=c_ok[:, None] & n_ok[None, :])
+    tl.store(dw_ptrs, cast_for_store(acc, dw_ptr), mask=c_ok[:, None] & n_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,6 +367,8 @@ def glu_conv_fwd(x, weight, bias=None, residual=None, causal: bool = False, *, s
     h = torch.empty(B, T, 2 * C_out, device=x.device, dtype=x.dtype) if store_h else None
     if M == 0:                                  # B = 0: empty outputs, nothing to launch
         return y, h
+    if bias is not None:
+        bias = bias.contiguous()                # the kernel reads bias at unit stride (2*C_out elements: no cost)
     res_strides = residual.stride() if residual is not None else (0, 0, 0)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(C_out, META["BLOCK_N"]),)  # noqa: E731
     _fwd_kernel[grid](

@@ -5,10 +5,7 @@ Timing is stubbed (one call per pass): the numbers come from GPU runs, not from 
 import pytest
 import torch
 
-from convs2s.ops import available_backends
-
-pytestmark = pytest.mark.skipif(available_backends("cpu")["triton"] is not None,
-                                reason="triton backend unavailable on CPU (needs TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.needs_backend("triton", "cpu")
 
 
 def test_dwgemm_rows_use_the_gemm_dw(monkeypatch):

@@ -6,6 +6,7 @@ costs minutes: it runs only with CONVS2S_TEST_CPU_TORCH_BUILD=1.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,13 @@ import torch
 from convs2s.ops import available_backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = ("glu_conv_native_fwd", "glu_conv_native_bwd", "conv_attention_native_fwd", "conv_attention_native_bwd")
+CSRC = os.path.join(ROOT, "csrc")
+
+
+def _defined_ops() -> list[str]:
+    """The op names csrc/module.cpp defines (its m.def("<name>(...) lines)."""
+    with open(os.path.join(CSRC, "module.cpp")) as f:
+        return re.findall(r'm\.def\(\s*"(\w+)\(', f.read())
 
 
 def _extension():
@@ -31,10 +38,22 @@ def test_extension_is_built_and_usable():
     assert available_backends("cpu")["native"] is None, available_backends("cpu")["native"]
 
 
+def test_one_bindings_file():
+    """Every op schema and registration is in csrc/module.cpp, none in the op files; both ops are defined there."""
+    for name in os.listdir(CSRC):
+        if name != "module.cpp" and name.endswith((".cpp", ".cu", ".h", ".cuh")):
+            with open(os.path.join(CSRC, name)) as f:
+                assert "TORCH_LIBRARY" not in f.read(), f"csrc/{name} registers ops; they belong in csrc/module.cpp"
+    ops = _defined_ops()
+    assert {"glu_conv_native_fwd", "glu_conv_native_bwd", "conv_attention_native_fwd",
+            "conv_attention_native_bwd"} <= set(ops), ops
+
+
 def test_ops_registered_for_the_devices_built():
+    """What the built extension registers matches csrc/module.cpp (a stale build fails here)."""
     ext = _extension()
     assert isinstance(ext.has_cuda(), bool)
-    for op in OPS:
+    for op in _defined_ops():
         name = f"convs2s::{op}"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") == ext.has_cuda(), name
@@ -113,6 +132,5 @@ def test_cpu_only_torch_builds_and_passes(tmp_path):
     out = sh(py, "-m", "pip", "install", "-v", "-e", ".", "--no-build-isolation", "--no-deps", cwd=src)
     assert "CPU-only build" in out
     sh(py, "-c", "import torch, convs2s._C as c; assert not c.has_cuda()", cwd=src)
-    sh(py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_glu_conv_native.py",
-       "tests/test_conv_attention_native.py", cwd=src)
+    sh(py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ops", "-k", "native", cwd=src)
 

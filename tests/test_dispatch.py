@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from convs2s.ops import BACKENDS, BackendUnavailableError, available_backends, glu_conv
-from convs2s.ops import _backend
+from convs2s.ops import BACKENDS, BackendUnavailableError, _backend, available_backends, glu_conv, resolve_backend
 
 
 def _args():
@@ -15,7 +14,7 @@ def test_available_backends_reports_every_backend():
     avail = available_backends()
     assert set(avail) == set(BACKENDS)
     assert avail["reference"] is None
-    for name, why in avail.items():
+    for why in avail.values():
         assert why is None or (isinstance(why, str) and why)
 
 
@@ -67,5 +66,17 @@ def test_explicit_argument_is_not_overridden_by_env(monkeypatch):
 
 def test_auto_on_cpu_never_picks_triton(monkeypatch):
     monkeypatch.setattr(_backend, "_native_module", lambda: (None, "not built"))
-    name, _ = _backend.resolve("glu_conv", "auto", torch.device("cpu"))
-    assert name == "reference"
+    assert resolve_backend("glu_conv", "auto", "cpu") == "reference"
+
+
+@pytest.mark.needs_backend("native", "cpu")
+def test_resolve_backend_names_what_auto_runs():
+    assert resolve_backend("glu_conv", "auto", "cpu") == "native"
+    assert resolve_backend("glu_conv", "reference", torch.device("cpu")) == "reference"
+    assert resolve_backend("glu_conv", "native", "cpu") == "native"
+
+
+def test_resolve_backend_explicit_unavailable_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="backend 'triton' cannot run cpu tensors"):
+        resolve_backend("glu_conv", "triton", "cpu")

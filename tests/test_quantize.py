@@ -40,21 +40,6 @@ from tests.tolerance import assert_close_rule
 RTOL32 = 1e-5          # fp32 rounding of sums of a few hundred terms, relative to the output's largest value
 
 
-def hook_wired() -> bool:
-    """Whether Decoder.prepare_step asks its int8 fc1/fc2/fc3 for their step form (the int8 hook in model.py)."""
-    model = quantize_for_inference(ConvS2S.from_preset("tiny", 8, 8).eval())
-    try:
-        model.decoder.prepare_step()
-    except AttributeError:
-        return False
-    return True
-
-
-needs_hook = pytest.mark.xfail(not hook_wired(), strict=True, raises=AttributeError,
-                               reason="Decoder.prepare_step/step call fc1/fc2/fc3 through F.linear on fp32 weights; "
-                                      "int8 incremental decoding needs the hook (StepLinear + module prepare_step)")
-
-
 def assert_close(name, got, want, rtol=RTOL32):
     err = (got.double() - want.double()).abs().max().item()
     scale = want.abs().max().item()
@@ -273,7 +258,6 @@ def test_copy_and_inplace():
         assert torch.equal(q(src, None, prev), model(src, None, prev))
 
 
-@needs_hook
 @pytest.mark.parametrize("tied", [False, True])
 def test_incremental_step_within_the_rule(tied):
     model = tiny(tied)
@@ -322,7 +306,6 @@ def test_search_results_mostly_identical(reverser, beam):
     assert agreement(reverser, quantize_for_inference(reverser), beam, incremental=False) >= 0.9
 
 
-@needs_hook
 @pytest.mark.parametrize("beam", [1, 4])
 def test_incremental_search_results_mostly_identical(reverser, beam):
     assert agreement(reverser, quantize_for_inference(reverser), beam, incremental=True) >= 0.9

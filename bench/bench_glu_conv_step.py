@@ -96,12 +96,13 @@ def interleaved(fns: dict, device: torch.device, reps: int, warmup: int = 5) -> 
             fns[n]()
             sync()
             times[n].append((time.perf_counter() - t0) * 1e3)
-    out = {}
-    for n, ts in times.items():
-        ts.sort()
-        q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]  # noqa: E731
-        out[n] = {"ms": statistics.median(ts), "ms_p20": q(0.2), "ms_p80": q(0.8)}
-    return out
+    return {n: {"ms": statistics.median(ts), "ms_p20": _quantile(ts, 0.2), "ms_p80": _quantile(ts, 0.8)}
+            for n, ts in times.items()}
+
+
+def _quantile(values: list[float], f: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(f * len(ordered)))]
 
 
 def bench_shape(shape, device, dtype, backend_list, reps) -> list[dict]:

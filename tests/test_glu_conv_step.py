@@ -14,8 +14,14 @@ import os
 import pytest
 import torch
 
-from convs2s.ops import (BackendUnavailableError, glu_conv, glu_conv_ref, glu_conv_step, glu_conv_step_ref,
-                         resolve_backend)
+from convs2s.ops import (
+    BackendUnavailableError,
+    glu_conv,
+    glu_conv_ref,
+    glu_conv_step,
+    glu_conv_step_ref,
+    resolve_backend,
+)
 from tests.tolerance import assert_close_rule
 
 BACKENDS = ["reference", "native", "triton"]
@@ -142,7 +148,7 @@ def test_steps_equal_whole_sequence(device, backend, dtype, k):
     for t in range(T):
         y = glu_conv_step(x[:, t], state, w, b, r[:, t], backend=backend)
         if dtype == torch.float64:
-            torch.testing.assert_close(y, full[:, t], rtol=1e-12, atol=1e-12, msg=lambda m: f"step {t}: {m}")
+            torch.testing.assert_close(y, full[:, t], rtol=1e-12, atol=1e-12, msg=lambda m, t=t: f"step {t}: {m}")
         else:
             assert_close_rule(f"step {t}", y, full[:, t], full64[:, t], dtype)
     assert torch.equal(state, x[:, T - k + 1:])

@@ -12,6 +12,7 @@ on load): "format" (CHECKPOINT_FORMAT), "config" (ConvS2SConfig.to_dict()), "tok
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,7 +63,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: it is not a file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():     # torch warns about pickle protocols before failing on a foreign file
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises RuntimeError, EOFError, KeyError, UnpicklingError...
         raise CheckpointError(f"cannot read {path} as a checkpoint (truncated, corrupted, or not a convs2s "
                               f"checkpoint): {_first_line(e)}") from e

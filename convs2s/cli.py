@@ -10,18 +10,47 @@ The benchmark suite is not a subcommand: it runs from a source checkout as `pyth
 
 Each subcommand is one entry of SUBCOMMANDS: a function that adds its parser to the subparsers and sets
 `func` (called with the parsed arguments, returns the exit status). New subcommands add an entry there.
+
+Bad input never ends in a traceback: a bad option, file, checkpoint or data folder prints one line
+`convs2s <command>: error: <what>` on stderr and exits with status 2 (CONVS2S_TRACEBACK=1 shows the traceback
+too); errors this module does not expect (bugs) keep their traceback. Translation prints exactly one output line
+per input line (--nbest K: K lines): blank lines give empty translations, invalid UTF-8 is replaced (U+FFFD) and
+lines longer than the model's source positions are cut, each reported on stderr with its line number.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
+import os
 import sys
+from collections.abc import Sequence
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `convs2s translate: error: ...` and status 2, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(minimum, kind=int):
+    """argparse type: a number of `kind` >= minimum."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+    return parse
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--max-tokens", type=int, default=4000, help="padded tokens per batch (default 4000)")
+    p.add_argument("--max-tokens", type=_at_least(1), default=4000, help="padded tokens per batch (default 4000)")
 
 
 def _add_train(sub) -> None:
@@ -64,9 +93,11 @@ def _add_train(sub) -> None:
     g.add_argument("--max-target-positions", type=int, default=None)
     p.add_argument("--save-dir", default=d.save_dir, help="checkpoints (last.pt, best.pt) and train_log.jsonl")
     p.add_argument("--max-epochs", type=int, default=d.max_epochs, help="0 = no limit")
-    p.add_argument("--max-updates", type=int, default=d.max_updates, help="0 = no limit")
+    p.add_argument("--max-updates", type=_at_least(0), default=d.max_updates, help="0 = no limit")
     p.add_argument("--max-minutes", type=float, default=d.max_minutes, help="wall-clock cap (0 = no limit)")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="padded tokens per batch and rank")
+    p.add_argument("--max-tokens", type=_at_least(1), default=d.max_tokens, help="padded tokens per batch and rank")
+    p.add_argument("--update-freq", type=_at_least(1), default=d.update_freq,
+                   help="batches per update (gradient accumulation, fairseq's --update-freq)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                    help="continue from CKPT (default: <save-dir>/last.pt)")
@@ -172,24 +203,61 @@ def _add_translate(sub) -> None:
     p.add_argument("--input", default="-", help="plain or .gz file, one sentence a line ('-' = stdin)")
     p.add_argument("--output", default="-", help="'-' = stdout")
     p.add_argument("--backend", default=None, choices=("auto", "reference", "triton", "native"))
-    p.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default 1, 5 with --fairseq)")
-    p.add_argument("--nbest", type=int, default=1, help="hypotheses per sentence (<= --beam)")
+    p.add_argument("--beam", type=_at_least(1), default=None, help="beam size (1 = greedy; default 1, 5 with --fairseq)")
+    p.add_argument("--nbest", type=_at_least(1), default=1, help="hypotheses per sentence (<= --beam)")
     p.add_argument("--lenpen", type=float, default=1.0, help="length penalty: score = log-prob / length ** lenpen")
-    p.add_argument("--max-len-a", type=float, default=None, help="default 1.2 (0 with --fairseq)")
-    p.add_argument("--max-len-b", type=int, default=None, help="default 10 (200 with --fairseq)")
+    p.add_argument("--max-len-a", type=_at_least(0.0, float), default=None, help="default 1.2 (0 with --fairseq)")
+    p.add_argument("--max-len-b", type=_at_least(0), default=None, help="default 10 (200 with --fairseq)")
     _add_common(p)
     p.set_defaults(func=_run_translate)
 
 
-def _read_input(path: str, read_lines) -> list[str]:
-    return [line.rstrip("\r\n") for line in sys.stdin] if path == "-" else read_lines(path)
+def read_input_lines(path: str, prog: str = "convs2s translate") -> list[str]:
+    """The lines of `path` ('-' = stdin; plain or .gz), without line ends (LF or CRLF). A line that is not valid
+    UTF-8 is decoded with U+FFFD for its bad bytes and reported on stderr by line number."""
+    if path == "-":
+        raw = sys.stdin.buffer.read()
+    else:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()                                  # the final line end
+    out = []
+    for number, line in enumerate(lines, 1):
+        line = line.removesuffix(b"\r")
+        try:
+            out.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            print(f"{prog}: warning: line {number} is not valid UTF-8 (byte {e.start}): bad bytes replaced by "
+                  "U+FFFD", file=sys.stderr)
+            out.append(line.decode("utf-8", errors="replace"))
+    return out
+
+
+def translate_text_lines(model, tok, lines: Sequence[str], *, prog: str = "convs2s translate", nbest: int = 1,
+                         **search) -> list[list[tuple[str, float]]]:
+    """Per line, exactly `nbest` (translation, score), best first: blank lines give empty translations without
+    running the model; a line with more subwords than the model's source positions is cut to them (reported on
+    stderr by line number); fewer hypotheses than nbest (a tiny vocabulary) are repeated to fill the count.
+    `search`: convs2s.generate.nbest_lines's options."""
+    from .generate import nbest_lines
+    todo = [i for i, line in enumerate(lines) if line.strip()]
+    limit = model.config.max_source_positions
+    for i, ids in zip(todo, tok.encode_src([lines[i] for i in todo])):
+        if len(ids) + 1 > limit:
+            print(f"{prog}: warning: line {i + 1} has {len(ids) + 1} source subwords (EOS included), more than "
+                  f"the model's {limit} positions: only its first {limit - 1} are translated", file=sys.stderr)
+    out: list[list[tuple[str, float]]] = [[("", 0.0)] * nbest for _ in lines]
+    hyps = nbest_lines(model, tok, [lines[i] for i in todo], nbest=nbest, **search)
+    for i, hs in zip(todo, hyps):
+        out[i] = (hs * nbest)[:nbest] if hs else out[i]
+    return out
 
 
 def _run_translate(a: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .data import read_lines
     from .device import resolve_device
-    from .generate import nbest_lines
     # fairseq generate's defaults with --fairseq, this project's otherwise.
     defaults = (5, 0.0, 200) if a.fairseq else (1, 1.2, 10)
     a.beam, a.max_len_a, a.max_len_b = (d if v is None else v
@@ -207,19 +275,23 @@ def _run_translate(a: argparse.Namespace) -> int:
                                             device=resolve_device(a.device))
         except ValueError as e:
             raise SystemExit(f"convs2s translate: {e}") from None
-        lines = _read_input(a.input, read_lines)
+        lines = read_input_lines(a.input)
         import contextlib
 
         import torch
         device = next(tr.model.parameters()).device
+        todo = [i for i, line in enumerate(lines) if line.strip()]
         with torch.autocast(device.type, dtype=torch.bfloat16) if a.bf16 else contextlib.nullcontext():
-            hyps = tr.translate(lines, beam=a.beam, nbest=a.nbest, len_penalty=a.lenpen, max_len_a=a.max_len_a,
-                                max_len_b=a.max_len_b, max_tokens=a.max_tokens)
+            found = tr.translate([lines[i] for i in todo], beam=a.beam, nbest=a.nbest, len_penalty=a.lenpen,
+                                 max_len_a=a.max_len_a, max_len_b=a.max_len_b, max_tokens=a.max_tokens)
+        hyps = [[("", 0.0)] * a.nbest for _ in lines]
+        for i, hs in zip(todo, found):
+            hyps[i] = (hs * a.nbest)[:a.nbest] if hs else hyps[i]
     else:
         model, tok = model_from_checkpoint(load_checkpoint(a.checkpoint), resolve_device(a.device), a.backend)
-        lines = _read_input(a.input, read_lines)
-        hyps = nbest_lines(model, tok, lines, max_tokens=a.max_tokens, beam=a.beam, nbest=a.nbest,
-                           len_penalty=a.lenpen, max_len_a=a.max_len_a, max_len_b=a.max_len_b)
+        lines = read_input_lines(a.input)
+        hyps = translate_text_lines(model, tok, lines, max_tokens=a.max_tokens, beam=a.beam, nbest=a.nbest,
+                                    len_penalty=a.lenpen, max_len_a=a.max_len_a, max_len_b=a.max_len_b)
     if a.nbest == 1:
         text = "".join(hs[0][0] + "\n" for hs in hyps)
     else:
@@ -244,8 +316,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--tgt-lang", default=None)
     p.add_argument("--output", default=None, help="hypotheses file (default: beside the checkpoint)")
     p.add_argument("--backend", default=None, choices=("auto", "reference", "triton", "native"))
-    p.add_argument("--beam", type=int, default=1)
-    p.add_argument("--examples", type=int, default=0, help="print this many example translations")
+    p.add_argument("--beam", type=_at_least(1), default=1)
+    p.add_argument("--examples", type=_at_least(0), default=0, help="print this many example translations")
     p.add_argument("--metrics-json", default=None, help="write the scores to this JSON file")
     _add_common(p)
     p.set_defaults(func=_run_evaluate)
@@ -270,7 +342,7 @@ def _add_plot_attention(sub) -> None:
     p.add_argument("--out", required=True, help="image file; the format follows its suffix")
     p.add_argument("--layer", default="mean",
                    help="mean (average over the attention layers), all (one panel per layer) or a layer index")
-    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--beam", type=_at_least(1), default=5)
     p.add_argument("--backend", default=None, choices=("auto", "reference", "triton", "native"))
     _add_common(p)
     p.set_defaults(func=_run_plot_attention)
@@ -299,13 +371,45 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convs2s", description="ConvS2S translation with fused kernels")
+    parser = _Parser(prog="convs2s", description="ConvS2S translation with fused kernels")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS.values():
         add(sub)
     return parser
 
 
+def _user_errors() -> tuple:
+    """The exception types that mean bad input (a file, a checkpoint, data, an option), not a bug here."""
+    from .checkpoint import CheckpointError
+    from .corpus import CorpusError
+    from .data import DataError
+    from .distributed import RankError
+    from .ops import BackendUnavailableError
+    from .train import TrainingDiverged
+    return (ValueError, OSError, CheckpointError, CorpusError, DataError, RankError, BackendUnavailableError,
+            TrainingDiverged)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    return args.func(args)
+    prog = f"convs2s {args.command}"
+    try:
+        return args.func(args)
+    except SystemExit as e:
+        if isinstance(e.code, str):                 # raise SystemExit("convs2s x: ...") = a usage error
+            print(e.code if e.code.startswith("convs2s") else f"{prog}: error: {e.code}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        if os.environ.get("CONVS2S_TRACEBACK", "") == "1":
+            raise
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2

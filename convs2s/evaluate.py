@@ -43,8 +43,12 @@ def evaluate(checkpoint: str, *, split: str | None = None, src: str | None = Non
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     model, tok = model_from_checkpoint(ckpt, dev, backend)
-    src_lang = src_lang or ckpt["args"]["src_lang"]
-    tgt_lang = tgt_lang or ckpt["args"]["tgt_lang"]
+    saved = ckpt.get("args") or {}                 # the training arguments: the run's languages
+    src_lang = src_lang or saved.get("src_lang")
+    tgt_lang = tgt_lang or saved.get("tgt_lang")
+    if split is not None and not (src_lang and tgt_lang):
+        raise ValueError(f"{checkpoint} holds no training arguments to take the languages from: give --src-lang "
+                         "and --tgt-lang with --split")
     if split is not None:
         names = [data_mod.file_name(split, src_lang), data_mod.file_name(split, tgt_lang)]
         data_dir = data_mod.find_data(data, files=names)
@@ -58,7 +62,7 @@ def evaluate(checkpoint: str, *, split: str | None = None, src: str | None = Non
     t0 = time.time()
     hyps = translate_lines(model, tok, src_lines, max_tokens=max_tokens, beam=beam)
     seconds = time.time() - t0
-    out_path = Path(output) if output else Path(checkpoint).with_name(f"{name}.{tgt_lang}.hyp")
+    out_path = Path(output) if output else Path(checkpoint).with_name(f"{name}.{tgt_lang or 'out'}.hyp")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     metrics = {"checkpoint": str(checkpoint), "set": name, "src_lang": src_lang, "tgt_lang": tgt_lang,

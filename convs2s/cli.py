@@ -197,6 +197,9 @@ def _add_translate(sub) -> None:
     p.add_argument("--bf16", action="store_true",
                    help="with --fairseq: search under bf16 autocast (faster on a GPU; the default fp32 is what "
                         "fairseq computes). Without --fairseq, CUDA always uses bf16 autocast")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 weights on the CPU (convs2s.quantize): faster CPU decoding, results within int8 "
+                        "quantization error of fp32; also with --fairseq")
     p.add_argument("--fairseq-checkpoint", default="model.pt", help="checkpoint file name inside --fairseq DIR")
     p.add_argument("--source-lang", default=None, help="with --fairseq (default: inferred)")
     p.add_argument("--target-lang", default=None, help="with --fairseq (default: inferred)")
@@ -266,6 +269,10 @@ def _run_translate(a: argparse.Namespace) -> int:
         raise SystemExit(f"convs2s translate: need 1 <= --nbest <= --beam, got --nbest {a.nbest} --beam {a.beam}")
     if (a.checkpoint is None) == (a.fairseq is None):
         raise SystemExit("convs2s translate: give either --checkpoint FILE or --fairseq DIR")
+    if a.int8 and a.bf16:
+        raise SystemExit("convs2s translate: --int8 computes in fp32 with int8 weights; drop --bf16")
+    if a.int8 and resolve_device(a.device).type != "cpu":
+        raise SystemExit("convs2s translate: --int8 runs on the CPU; add --device cpu")
     if a.fairseq:
         from .fairseq_translate import FairseqTranslator
         try:
@@ -275,6 +282,9 @@ def _run_translate(a: argparse.Namespace) -> int:
                                             device=resolve_device(a.device))
         except ValueError as e:
             raise SystemExit(f"convs2s translate: {e}") from None
+        if a.int8:
+            from .quantize import quantize_for_inference
+            tr.model = quantize_for_inference(tr.model, inplace=True)
         lines = read_input_lines(a.input)
         import contextlib
 
@@ -289,6 +299,9 @@ def _run_translate(a: argparse.Namespace) -> int:
             hyps[i] = (hs * a.nbest)[:a.nbest] if hs else hyps[i]
     else:
         model, tok = model_from_checkpoint(load_checkpoint(a.checkpoint), resolve_device(a.device), a.backend)
+        if a.int8:
+            from .quantize import quantize_for_inference
+            model = quantize_for_inference(model, inplace=True)
         lines = read_input_lines(a.input)
         hyps = translate_text_lines(model, tok, lines, max_tokens=a.max_tokens, beam=a.beam, nbest=a.nbest,
                                     len_penalty=a.lenpen, max_len_a=a.max_len_a, max_len_b=a.max_len_b)
@@ -317,6 +330,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--output", default=None, help="hypotheses file (default: beside the checkpoint)")
     p.add_argument("--backend", default=None, choices=("auto", "reference", "triton", "native"))
     p.add_argument("--beam", type=_at_least(1), default=1)
+    p.add_argument("--int8", action="store_true", help="int8 weights on the CPU (convs2s.quantize)")
     p.add_argument("--examples", type=_at_least(0), default=0, help="print this many example translations")
     p.add_argument("--metrics-json", default=None, help="write the scores to this JSON file")
     _add_common(p)
@@ -329,7 +343,7 @@ def _run_evaluate(a: argparse.Namespace) -> int:
         raise SystemExit("convs2s evaluate: give either --split NAME or --src FILE --ref FILE")
     evaluate(a.checkpoint, split=a.split, src=a.src, ref=a.ref, data=a.data, src_lang=a.src_lang,
              tgt_lang=a.tgt_lang, output=a.output, device=a.device, backend=a.backend, max_tokens=a.max_tokens,
-             beam=a.beam, examples=a.examples, metrics_json=a.metrics_json)
+             beam=a.beam, examples=a.examples, metrics_json=a.metrics_json, int8=a.int8)
     return 0
 
 

@@ -34,8 +34,10 @@ def score(hyps: list[str], refs: list[str]) -> dict:
 def evaluate(checkpoint: str, *, split: str | None = None, src: str | None = None, ref: str | None = None,
              data: str | None = None, src_lang: str | None = None, tgt_lang: str | None = None,
              output: str | None = None, device: str = "auto", backend: str | None = None, max_tokens: int = 4000,
-             beam: int = 1, examples: int = 0, metrics_json: str | None = None, quiet: bool = False) -> dict:
-    """Translate and score; returns {bleu, chrf, signatures, n, output, ...}. Exactly one of split / (src, ref)."""
+             beam: int = 1, examples: int = 0, metrics_json: str | None = None, quiet: bool = False,
+             int8: bool = False) -> dict:
+    """Translate and score; returns {bleu, chrf, signatures, n, output, ...}. Exactly one of split / (src, ref).
+    int8: translate with int8 weights (convs2s.quantize; CPU only)."""
     if (split is None) == (src is None):
         raise ValueError("give either a Multi30k split (--split) or a source file (--src, with --ref)")
     if src is not None and ref is None:
@@ -43,6 +45,9 @@ def evaluate(checkpoint: str, *, split: str | None = None, src: str | None = Non
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     model, tok = model_from_checkpoint(ckpt, dev, backend)
+    if int8:
+        from .quantize import quantize_for_inference
+        model = quantize_for_inference(model, inplace=True)
     saved = ckpt.get("args") or {}                 # the training arguments: the run's languages
     src_lang = src_lang or saved.get("src_lang")
     tgt_lang = tgt_lang or saved.get("tgt_lang")
@@ -66,7 +71,7 @@ def evaluate(checkpoint: str, *, split: str | None = None, src: str | None = Non
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     metrics = {"checkpoint": str(checkpoint), "set": name, "src_lang": src_lang, "tgt_lang": tgt_lang,
-               "n": len(hyps), "beam": beam, "device": str(dev), "translate_s": round(seconds, 2),
+               "n": len(hyps), "beam": beam, "int8": int8, "device": str(dev), "translate_s": round(seconds, 2),
                "sentences_per_s": len(hyps) / max(seconds, 1e-9), "output": str(out_path), **score(hyps, ref_lines)}
     if not quiet:
         print(f"{name} {src_lang}->{tgt_lang}: {len(hyps)} sentences translated in {seconds:.1f} s; "

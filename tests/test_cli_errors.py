@@ -225,3 +225,19 @@ def _model(ckpt):
     if ckpt not in _MODELS:
         _MODELS[ckpt] = model_from_checkpoint(load_checkpoint(ckpt))
     return _MODELS[ckpt]
+
+
+def test_translate_and_evaluate_int8(ckpt, tmp_path):
+    rc, out, err = cli("translate", "--checkpoint", ckpt, "--int8", "--device", "cpu", stdin="ein Hund\n\nMann\n")
+    assert rc == 0, err
+    assert out.count("\n") == 3
+    rc, _, err = cli("translate", "--checkpoint", ckpt, "--int8", "--bf16", stdin="ein Hund\n")
+    assert_one_line_error(rc, err, "--int8")
+    src, ref = tmp_path / "s.txt", tmp_path / "r.txt"
+    src.write_text("ein Hund\neine Frau\n")
+    ref.write_text("a dog\na woman\n")
+    rc, _, err = cli("evaluate", "--checkpoint", ckpt, "--src", src, "--ref", ref, "--int8", "--metrics-json",
+                     tmp_path / "m.json")
+    assert rc == 0, err
+    import json
+    assert json.loads((tmp_path / "m.json").read_text())["int8"] is True

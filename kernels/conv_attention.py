@@ -45,25 +45,24 @@ in the middle of a sentence.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import INTERPRET, autotune_configs
 
 SQRT_HALF = math.sqrt(0.5)
 LOG2E = 1.4426950408889634
 # Scores are scaled by sqrt(0.5) (the query's scale) and by log2(e) so the softmax can use exp2.
 QK_SCALE_LOG2 = SQRT_HALF * LOG2E
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# CONVS2S_TRITON_AUTOTUNE=0 runs the first config of each kernel instead of tuning (quick GPU test runs, where
-# every new shape would otherwise compile and time all configs).
-AUTOTUNE = os.environ.get("CONVS2S_TRITON_AUTOTUNE", "1") != "0"
-
-# The one config used under TRITON_INTERPRET=1 (autotune needs a GPU driver). Small tiles so that small test
-# shapes still span several target tiles, source tiles and E-chunks. Tests may swap in another dict.
-INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_EK": 16, "BLOCK_EO": 16, "num_warps": 4, "num_stages": 1}
+# The one config of every kernel under TRITON_INTERPRET=1 (kernels/_common.py): small tiles, so that small test
+# shapes still span several target tiles, source tiles and E-chunks. Without the interpreter, with autotuning off
+# (CONVS2S_TRITON_AUTOTUNE=0), each kernel runs its first GPU config.
+INTERPRET_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_EK": 16, "BLOCK_EO": 16}, num_warps=4,
+                                 num_stages=1)
+INTERPRET_DS_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_EK": 16}, num_warps=4, num_stages=1)
 
 
 def _configs(own: str, shapes) -> list[triton.Config]:
@@ -99,22 +98,16 @@ def _prune(configs, named_args, **kwargs):
     E = named_args["E"]
     need = max(16, triton.next_power_of_2(E))
     kept = [c for c in configs if c.kwargs.get("BLOCK_EO", 0) <= need] or configs[:1]
-    if named_args["q_ptr"].dtype == torch.float32 or not AUTOTUNE:
+    if named_args["q_ptr"].dtype == torch.float32:
         kept = kept[:1]
     return kept
 
 
-def _tuned(fn, configs):
-    """Autotune over `configs` on GPU; under the interpreter the launcher passes INTERPRET_CONFIG instead."""
-    if _INTERPRET:
-        return fn
-    return triton.autotune(configs, key=["E", "tt_bucket", "ts_bucket"],
-                           prune_configs_by={"early_config_prune": _prune})(fn)
-
-
-def _meta(*drop: str) -> dict:
-    """Launch meta-parameters: INTERPRET_CONFIG (less the names in `drop`) under the interpreter, else none."""
-    return {k: v for k, v in INTERPRET_CONFIG.items() if k not in drop} if _INTERPRET else {}
+def _tuned(fn, configs, interpret_config=INTERPRET_CONFIG):
+    """`fn` autotuned over kernels/_common.py's config list: `configs` on a GPU (their first with autotuning off),
+    `interpret_config` in the interpreter. A test forces one config by setting the tuner's `configs`."""
+    return triton.autotune(autotune_configs(configs, interpret_config if INTERPRET else None),
+                           key=["E", "tt_bucket", "ts_bucket"], prune_configs_by={"early_config_prune": _prune})(fn)
 
 
 def _bucket(n: int) -> int:
@@ -123,9 +116,20 @@ def _bucket(n: int) -> int:
 
 
 @triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc + a @ b. DOT_FP32 upcasts the operands first (exact for 16-bit values): the interpreter's bf16 tl.dot
+    multiplies raw bit patterns, so bf16 runs there on fp32 products, accumulated in fp32 as the GPU's MMA does."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _dot_rows_cols(a_ptr, b_ptr, offs_a, offs_b, a_valid, b_valid, E,
                    stride_ar, stride_ae, stride_br, stride_be,
-                   ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_EK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_EK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   DOT_FP32: tl.constexpr):
     """a[offs_a, :] @ b[offs_b, :].T, contracted over all of E in BLOCK_EK chunks: (ROWS, COLS) fp32."""
     acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
     for e0 in range(0, E, BLOCK_EK):
@@ -135,8 +139,23 @@ def _dot_rows_cols(a_ptr, b_ptr, offs_a, offs_b, a_valid, b_valid, E,
                     mask=a_valid[:, None] & e_valid[None, :], other=0.0)
         bt = tl.load(b_ptr + offs_b[None, :] * stride_br + offs_e[:, None] * stride_be,
                      mask=b_valid[None, :] & e_valid[:, None], other=0.0)
-        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
+        acc = _mma(a, bt, acc, DOT_PRECISION, DOT_FP32)
     return acc
+
+
+@triton.jit
+def _prob(s, lse, QK_SCALE: tl.constexpr):
+    """p = exp2(s * QK_SCALE - lse) from unscaled scores s (fp32) and lse (fp64, broadcast to s's shape). The
+    difference is taken in fp64: an fp32 lse (m + log2 l, up to ~20) would carry its own ulp, ~1e-6, into every
+    p of the row, which made the fp32 gradients' mean error twice the PyTorch reference's."""
+    return tl.math.exp2(((s * QK_SCALE).to(tl.float64) - lse).to(tl.float32))
+
+
+@triton.jit
+def _split_pid(pid, T, BLOCK: tl.constexpr):
+    """(sentence as int64, tile) from a program id = sentence * cdiv(T, BLOCK) + tile."""
+    n_tiles = tl.cdiv(T, BLOCK)
+    return (pid // n_tiles).to(tl.int64), pid % n_tiles
 
 
 @triton.jit
@@ -166,16 +185,17 @@ def _fwd_kernel(
     tt_bucket, ts_bucket,
     # meta-parameters
     QK_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, NEED_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_EK: tl.constexpr, BLOCK_EO: tl.constexpr,
 ):
     """One (target tile, sentence, E-chunk): ctx[:, chunk] = softmax(q0 K.T * sqrt(.5)) V[:, chunk] * sqrt(s).
 
-    Program (pid_m, pid_b, 0) also writes the row statistics lse (log2 domain), sqrt(s) and, with NEED_WEIGHTS,
-    the probabilities (a second pass over the source once lse is known).
+    Grid: rows_grid (program_id(0) = sentence * target tiles + target tile, program_id(1) = E-chunk). E-chunk 0
+    also writes the row statistics lse (log2 domain), sqrt(s) and, with NEED_WEIGHTS, the probabilities (a second
+    pass over the source once lse is known).
     """
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_e = tl.program_id(2)
+    pid_b, pid_m = _split_pid(tl.program_id(0), T_TGT, BLOCK_M)
+    pid_e = tl.program_id(1)
     q_ptr += pid_b * stride_qb
     k_ptr += pid_b * stride_kb
     v_ptr += pid_b * stride_vb
@@ -195,7 +215,8 @@ def _fwd_kernel(
         valid = _source_valid(mask_ptr, offs_n, T_SRC, stride_maskn, HAS_MASK)
         n_real += tl.sum(valid.to(tl.float32), axis=0)
         s = _dot_rows_cols(q_ptr, k_ptr, offs_m, offs_n, m_valid, offs_n < T_SRC, E,
-                           stride_qm, stride_qe, stride_kn, stride_ke, BLOCK_M, BLOCK_N, BLOCK_EK, DOT_PRECISION)
+                           stride_qm, stride_qe, stride_kn, stride_ke, BLOCK_M, BLOCK_N, BLOCK_EK,
+                           DOT_PRECISION, DOT_FP32)
         s = tl.where(valid[None, :], s * QK_SCALE, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row that has seen only padding so far has max -inf; clamp so exp2 gives 0, not NaN.
@@ -205,7 +226,7 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_eo[None, :] * stride_ve,
                     mask=(offs_n < T_SRC)[:, None] & eo_valid[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, DOT_FP32)
         m_i = m_new
 
     # Every sentence has a real token, so l_i > 0 for every row; rows past T_TGT are never stored.
@@ -213,7 +234,7 @@ def _fwd_kernel(
     ctx = acc * (root_s / l_i)[:, None]
     tl.store(ctx_ptr + pid_b * stride_cb + offs_m[:, None] * stride_cm + offs_eo[None, :] * stride_ce,
              ctx.to(ctx_ptr.dtype.element_ty), mask=m_valid[:, None] & eo_valid[None, :])
-    lse = m_i + tl.math.log2(l_i)
+    lse = m_i.to(tl.float64) + tl.math.log2(l_i.to(tl.float64))
     tl.store(lse_ptr + pid_b * T_TGT + offs_m, lse, mask=m_valid & (pid_e == 0))
     tl.store(rs_ptr + pid_b, root_s, mask=(pid_m == 0) & (pid_e == 0))
 
@@ -225,8 +246,8 @@ def _fwd_kernel(
                 valid = _source_valid(mask_ptr, offs_n, T_SRC, stride_maskn, HAS_MASK)
                 s = _dot_rows_cols(q_ptr, k_ptr, offs_m, offs_n, m_valid, offs_n < T_SRC, E,
                                    stride_qm, stride_qe, stride_kn, stride_ke,
-                                   BLOCK_M, BLOCK_N, BLOCK_EK, DOT_PRECISION)
-                p = tl.where(valid[None, :], tl.math.exp2(s * QK_SCALE - lse[:, None]), 0.0)
+                                   BLOCK_M, BLOCK_N, BLOCK_EK, DOT_PRECISION, DOT_FP32)
+                p = tl.where(valid[None, :], _prob(s, lse[:, None], QK_SCALE), 0.0)
                 tl.store(attn_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an,
                          p.to(attn_ptr.dtype.element_ty), mask=m_valid[:, None] & (offs_n < T_SRC)[None, :])
 
@@ -247,18 +268,17 @@ def _bwd_dq_kernel(
     tt_bucket, ts_bucket,
     # meta-parameters
     QK_SCALE: tl.constexpr, Q_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_EK: tl.constexpr, BLOCK_EO: tl.constexpr,
 ):
     """One (target tile, sentence, E-chunk): dq0[:, chunk] = sqrt(.5) * dS @ K[:, chunk].
 
     do = dL/dctx (B, Tt, E); dP = sqrt(s) * do @ V.T (+ dL/dp when HAS_DA); dS = p * (dP - delta);
     delta = rowsum(do * ctx) (+ dextra = rowsum(dL/dp * p)), written by the E-chunk-0 programs for the dK/dV
-    kernel.
+    kernel. Grid: rows_grid over target tiles.
     """
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_e = tl.program_id(2)
+    pid_b, pid_m = _split_pid(tl.program_id(0), T_TGT, BLOCK_M)
+    pid_e = tl.program_id(1)
     q_ptr += pid_b * stride_qb
     ctx_ptr += pid_b * stride_qb
     do_ptr += pid_b * stride_qb
@@ -294,10 +314,12 @@ def _bwd_dq_kernel(
         valid = _source_valid(mask_ptr, offs_n, T_SRC, stride_maskn, HAS_MASK)
         live = m_valid[:, None] & valid[None, :]
         s = _dot_rows_cols(q_ptr, k_ptr, offs_m, offs_n, m_valid, n_in, E,
-                           stride_qm, stride_qe, stride_kn, stride_ke, BLOCK_M, BLOCK_N, BLOCK_EK, DOT_PRECISION)
-        p = tl.where(live, tl.math.exp2(s * QK_SCALE - lse[:, None]), 0.0)
+                           stride_qm, stride_qe, stride_kn, stride_ke, BLOCK_M, BLOCK_N, BLOCK_EK,
+                           DOT_PRECISION, DOT_FP32)
+        p = tl.where(live, _prob(s, lse[:, None], QK_SCALE), 0.0)
         dp = _dot_rows_cols(do_ptr, v_ptr, offs_m, offs_n, m_valid, n_in, E,
-                            stride_qm, stride_qe, stride_vn, stride_ve, BLOCK_M, BLOCK_N, BLOCK_EK, DOT_PRECISION)
+                            stride_qm, stride_qe, stride_vn, stride_ve, BLOCK_M, BLOCK_N, BLOCK_EK,
+                            DOT_PRECISION, DOT_FP32)
         dp = dp * root_s
         if HAS_DA:
             dp += tl.load(da_ptr + offs_m[:, None] * stride_dam + offs_n[None, :] * stride_dan,
@@ -305,7 +327,7 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         k = tl.load(k_ptr + offs_n[:, None] * stride_kn + offs_eo[None, :] * stride_ke,
                     mask=n_in[:, None] & eo_valid[None, :], other=0.0)
-        acc = tl.dot(ds.to(k.dtype), k, acc, input_precision=DOT_PRECISION)
+        acc = _mma(ds.to(k.dtype), k, acc, DOT_PRECISION, DOT_FP32)
 
     tl.store(dq_ptr + offs_m[:, None] * stride_qm + offs_eo[None, :] * stride_qe,
              (acc * Q_SCALE).to(dq_ptr.dtype.element_ty), mask=m_valid[:, None] & eo_valid[None, :])
@@ -328,14 +350,14 @@ def _bwd_dkdv_kernel(
     tt_bucket, ts_bucket,
     # meta-parameters
     QK_SCALE: tl.constexpr, Q_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_EK: tl.constexpr, BLOCK_EO: tl.constexpr,
 ):
     """One (source tile, sentence, E-chunk), looping over all target tiles (transposed: rows are sources):
-    dV[:, chunk] = sqrt(s) * p.T @ do[:, chunk],  dK[:, chunk] = sqrt(.5) * dS.T @ q0[:, chunk]."""
-    pid_n = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_e = tl.program_id(2)
+    dV[:, chunk] = sqrt(s) * p.T @ do[:, chunk],  dK[:, chunk] = sqrt(.5) * dS.T @ q0[:, chunk].
+    Grid: rows_grid over source tiles."""
+    pid_b, pid_n = _split_pid(tl.program_id(0), T_SRC, BLOCK_N)
+    pid_e = tl.program_id(1)
     q_ptr += pid_b * stride_qb
     do_ptr += pid_b * stride_qb
     k_ptr += pid_b * stride_kb
@@ -359,13 +381,15 @@ def _bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + pid_b * T_TGT + offs_m, mask=m_valid, other=0.0)
         delta = tl.load(delta_ptr + pid_b * T_TGT + offs_m, mask=m_valid, other=0.0)
         st = _dot_rows_cols(k_ptr, q_ptr, offs_n, offs_m, n_in, m_valid, E,
-                            stride_kn, stride_ke, stride_qm, stride_qe, BLOCK_N, BLOCK_M, BLOCK_EK, DOT_PRECISION)
-        pt = tl.where(live, tl.math.exp2(st * QK_SCALE - lse[None, :]), 0.0)          # (BLOCK_N, BLOCK_M)
+                            stride_kn, stride_ke, stride_qm, stride_qe, BLOCK_N, BLOCK_M, BLOCK_EK,
+                            DOT_PRECISION, DOT_FP32)
+        pt = tl.where(live, _prob(st, lse[None, :], QK_SCALE), 0.0)          # (BLOCK_N, BLOCK_M)
         do = tl.load(do_ptr + offs_m[:, None] * stride_qm + offs_eo[None, :] * stride_qe,
                      mask=m_valid[:, None] & eo_valid[None, :], other=0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dv = _mma(pt.to(do.dtype), do, dv, DOT_PRECISION, DOT_FP32)
         dpt = _dot_rows_cols(v_ptr, do_ptr, offs_n, offs_m, n_in, m_valid, E,
-                             stride_vn, stride_ve, stride_qm, stride_qe, BLOCK_N, BLOCK_M, BLOCK_EK, DOT_PRECISION)
+                             stride_vn, stride_ve, stride_qm, stride_qe, BLOCK_N, BLOCK_M, BLOCK_EK,
+                             DOT_PRECISION, DOT_FP32)
         dpt = dpt * root_s
         if HAS_DA:
             dpt += tl.load(da_ptr + offs_m[None, :] * stride_dam + offs_n[:, None] * stride_dan,
@@ -373,7 +397,7 @@ def _bwd_dkdv_kernel(
         dst = pt * (dpt - delta[None, :])
         q = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_eo[None, :] * stride_qe,
                     mask=m_valid[:, None] & eo_valid[None, :], other=0.0)
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dk = _mma(dst.to(q.dtype), q, dk, DOT_PRECISION, DOT_FP32)
 
     tile = offs_n[:, None] * stride_dkn + offs_eo[None, :] * stride_dke
     tmask = n_in[:, None] & eo_valid[None, :]
@@ -398,15 +422,17 @@ def _bwd_ds_kernel(
     tt_bucket, ts_bucket,
     # meta-parameters
     QK_SCALE: tl.constexpr, Q_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_EK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_EK: tl.constexpr,
 ):
     """One (source tile, target tile, sentence) of the materializing backward, both contractions over E in one
     pipelined loop: p_s = sqrt(s) * p and ds = sqrt(.5) * p * (dP - delta), so that dV = p_s.T @ do,
     dK = ds.T @ q0 and dq0 = ds @ K are plain batched GEMMs. delta = rowsum(do * ctx) (+ dextra) is recomputed
-    by every source tile of a row from the same loads' neighbours (ctx is the one extra read)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
+    by every source tile of a row from the same loads' neighbours (ctx is the one extra read).
+    Grid: tiles_grid (program_id(0) = (sentence * target tiles + target tile) * source tiles + source tile)."""
+    n_n = tl.cdiv(T_SRC, BLOCK_N)
+    pid_n = tl.program_id(0) % n_n
+    pid_b, pid_m = _split_pid(tl.program_id(0) // n_n, T_TGT, BLOCK_M)
     q_ptr += pid_b * stride_qb
     ctx_ptr += pid_b * stride_qb
     do_ptr += pid_b * stride_qb
@@ -433,8 +459,8 @@ def _bwd_ds_kernel(
         c = tl.load(ctx_ptr + row_tile, mask=row_mask, other=0.0)
         kt = tl.load(k_ptr + offs_n[None, :] * stride_kn + offs_e[:, None] * stride_ke, mask=col_mask, other=0.0)
         vt = tl.load(v_ptr + offs_n[None, :] * stride_vn + offs_e[:, None] * stride_ve, mask=col_mask, other=0.0)
-        s = tl.dot(q, kt, s, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, vt, dp, input_precision=DOT_PRECISION)
+        s = _mma(q, kt, s, DOT_PRECISION, DOT_FP32)
+        dp = _mma(do, vt, dp, DOT_PRECISION, DOT_FP32)
         delta += tl.sum(do.to(tl.float32) * c.to(tl.float32), axis=1)
     if HAS_DA:
         delta += tl.load(dextra_ptr + pid_b * T_TGT + offs_m, mask=m_valid, other=0.0)
@@ -442,7 +468,7 @@ def _bwd_ds_kernel(
     root_s = tl.load(rs_ptr + pid_b)
     lse = tl.load(lse_ptr + pid_b * T_TGT + offs_m, mask=m_valid, other=0.0)
     valid = _source_valid(mask_ptr, offs_n, T_SRC, stride_maskn, HAS_MASK)
-    p = tl.where(m_valid[:, None] & valid[None, :], tl.math.exp2(s * QK_SCALE - lse[:, None]), 0.0)
+    p = tl.where(m_valid[:, None] & valid[None, :], _prob(s, lse[:, None], QK_SCALE), 0.0)
     dp = dp * root_s
     tile = offs_m[:, None] * stride_dam + offs_n[None, :] * stride_dan
     tmask = m_valid[:, None] & n_in[None, :]
@@ -457,13 +483,27 @@ def _bwd_ds_kernel(
 _fwd = _tuned(_fwd_kernel, _FWD_CONFIGS)
 _bwd_dq = _tuned(_bwd_dq_kernel, _DQ_CONFIGS)
 _bwd_dkdv = _tuned(_bwd_dkdv_kernel, _DKDV_CONFIGS)
-_bwd_ds = _tuned(_bwd_ds_kernel, _DS_CONFIGS)
+_bwd_ds = _tuned(_bwd_ds_kernel, _DS_CONFIGS, INTERPRET_DS_CONFIG)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get full-precision products: the fp32 reference (and cuBLAS with allow_tf32 off) does not
-    # round to tf32, whose 10-bit mantissa would put the error ~1000x above it.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _dots(dtype: torch.dtype) -> dict:
+    """The dot meta-parameters for `dtype`. fp32 inputs get full-precision products: the fp32 reference (and
+    cuBLAS with allow_tf32 off) does not round to tf32, whose 10-bit mantissa would put the error ~1000x above it.
+    DOT_FP32: bf16 in the interpreter (see _mma)."""
+    return {"DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            "DOT_FP32": INTERPRET and dtype == torch.bfloat16}
+
+
+# Launch grids. Sentences share grid axis 0 with the tiles (up to 2**31 - 1 programs): axes 1 and 2 stop at 65535,
+# and B reaches that in beam search (beam 5 over a 13k-sentence test set in one batch: B = 65k).
+def rows_grid(B: int, T: int, E: int, block: str):
+    """(B * tiles of `block` rows over T, E-chunks): the forward, dq and dK/dV kernels."""
+    return lambda meta: (B * triton.cdiv(T, meta[block]), triton.cdiv(E, meta["BLOCK_EO"]))
+
+
+def tiles_grid(B: int, Tt: int, Ts: int):
+    """(B * target tiles * source tiles,): the materializing backward's dS kernel."""
+    return lambda meta: (B * triton.cdiv(Tt, meta["BLOCK_M"]) * triton.cdiv(Ts, meta["BLOCK_N"]),)
 
 
 def _mask_args(mask: torch.Tensor | None, dummy: torch.Tensor):
@@ -478,29 +518,30 @@ def attention_forward(q0: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
                       need_weights: bool):
     """The attention core. q0 (B, Tt, E) contiguous, k / v (B, Ts, E) any strides, mask (B, Ts) bool or None.
 
-    Returns ctx (B, Tt, E) = softmax(sqrt(.5) q0 K.T) V * sqrt(s) in q0's dtype, lse (B, Tt) fp32 (log2 domain,
+    Returns ctx (B, Tt, E) = softmax(sqrt(.5) q0 K.T) V * sqrt(s) in q0's dtype, lse (B, Tt) fp64 (log2 domain,
     scores scaled by sqrt(.5) * log2(e)), root_s (B,) fp32, attn (B, Tt, Ts) or an empty tensor.
     """
     B, Tt, E = q0.shape
     Ts = k.shape[1]
+    if E < 1:  # every E-chunk loop would be empty and lse left unwritten
+        raise ValueError(f"conv_attention: need E >= 1, got E = {E}")
     ctx = torch.empty_like(q0, memory_format=torch.contiguous_format)
-    lse = torch.empty(B, Tt, device=q0.device, dtype=torch.float32)
+    lse = torch.empty(B, Tt, device=q0.device, dtype=torch.float64)
     root_s = torch.empty(B, device=q0.device, dtype=torch.float32)
     attn = (torch.empty(B, Tt, Ts, device=q0.device, dtype=q0.dtype) if need_weights
             else q0.new_empty(0))
+    if B == 0:  # no sentence: nothing to launch (a grid of 0 programs)
+        return ctx, lse, root_s, attn
     a_strides = attn.stride() if need_weights else (0, 0, 0)
     mask_t, stride_mb, stride_mn, has_mask = _mask_args(mask, lse)
 
-    def grid(meta):
-        return triton.cdiv(Tt, meta["BLOCK_M"]), B, triton.cdiv(E, meta["BLOCK_EO"])
-
-    _fwd[grid](
+    _fwd[rows_grid(B, Tt, E, "BLOCK_M")](
         q0, k, v, mask_t, ctx, lse, root_s, attn,
         Tt, Ts, E,
         *q0.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *ctx.stride(), *a_strides,
         _bucket(Tt), _bucket(Ts),
         QK_SCALE=QK_SCALE_LOG2, HAS_MASK=has_mask, NEED_WEIGHTS=need_weights,
-        DOT_PRECISION=_dot_precision(q0.dtype), **_meta())
+        **_dots(q0.dtype))
     return ctx, lse, root_s, attn
 
 
@@ -530,6 +571,8 @@ def attention_backward(q0, k, v, mask, ctx, do, lse, root_s, dattn=None, attn=No
     """
     B, Tt, E = q0.shape
     Ts = k.shape[1]
+    if B == 0:  # no sentence: empty gradients, nothing to launch
+        return torch.empty_like(q0), k.new_empty(0, Ts, E), v.new_empty(0, Ts, E)
     assert ctx.stride() == q0.stride() and do.stride() == q0.stride(), "q0, ctx, do must share one layout"
     has_da = dattn is not None
     stats = torch.empty(B, Tt, device=q0.device, dtype=torch.float32)     # delta, written by the flash dq kernel
@@ -541,43 +584,34 @@ def attention_backward(q0, k, v, mask, ctx, do, lse, root_s, dattn=None, attn=No
         dextra, da, da_strides = stats, stats, (0, 0, 0)
     mask_t, stride_mb, stride_mn, has_mask = _mask_args(mask, stats)
     common = dict(QK_SCALE=QK_SCALE_LOG2, Q_SCALE=SQRT_HALF, HAS_MASK=has_mask, HAS_DA=has_da,
-                  DOT_PRECISION=_dot_precision(q0.dtype))
+                  **_dots(q0.dtype))
 
     if backward_strategy(B, Tt, Ts, q0.dtype) == "materialize":
         p_s = torch.empty(B, Tt, Ts, device=q0.device, dtype=q0.dtype)
         ds = torch.empty_like(p_s)
 
-        def grid_ds(meta):
-            return triton.cdiv(Ts, meta["BLOCK_N"]), triton.cdiv(Tt, meta["BLOCK_M"]), B
-
-        _bwd_ds[grid_ds](
+        _bwd_ds[tiles_grid(B, Tt, Ts)](
             q0, k, v, mask_t, ctx, do, lse, root_s, da, dextra, p_s, ds,
             Tt, Ts, E,
             *q0.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *da_strides, *p_s.stride(),
-            _bucket(Tt), _bucket(Ts), **common, **_meta("BLOCK_EO"))
+            _bucket(Tt), _bucket(Ts), **common)
         return torch.bmm(ds, k), torch.bmm(ds.transpose(1, 2), q0), torch.bmm(p_s.transpose(1, 2), do)
 
     dq0 = torch.empty_like(q0)
     dk = torch.empty(B, Ts, E, device=q0.device, dtype=q0.dtype)
     dv = torch.empty_like(dk)
 
-    def grid_q(meta):
-        return triton.cdiv(Tt, meta["BLOCK_M"]), B, triton.cdiv(E, meta["BLOCK_EO"])
-
-    _bwd_dq[grid_q](
+    _bwd_dq[rows_grid(B, Tt, E, "BLOCK_M")](
         q0, k, v, mask_t, ctx, do, lse, root_s, da, dextra, stats, dq0,
         Tt, Ts, E,
         *q0.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *da_strides,
-        _bucket(Tt), _bucket(Ts), **common, **_meta())
+        _bucket(Tt), _bucket(Ts), **common)
 
-    def grid_kv(meta):
-        return triton.cdiv(Ts, meta["BLOCK_N"]), B, triton.cdiv(E, meta["BLOCK_EO"])
-
-    _bwd_dkdv[grid_kv](
+    _bwd_dkdv[rows_grid(B, Ts, E, "BLOCK_N")](
         q0, k, v, mask_t, do, lse, root_s, da, stats, dk, dv,
         Tt, Ts, E,
         *q0.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *da_strides, *dk.stride(),
-        _bucket(Tt), _bucket(Ts), **common, **_meta())
+        _bucket(Tt), _bucket(Ts), **common)
     return dq0, dk, dv
 
 
@@ -586,7 +620,7 @@ def conv_attention_forward(x, target_embedding, encoder_keys, encoder_values, sr
     """The whole op: shapes as in the module docstring (inputs validated by the public op, any strides).
 
     Returns out (B, Tt, C), attn (B, Tt, Ts) or an empty tensor, and what backward needs: ctx (B, Tt, E),
-    q0 (B, Tt, E), lse (B, Tt) fp32, root_s (B,) fp32.
+    q0 (B, Tt, E), lse (B, Tt) fp64, root_s (B,) fp32.
     """
     B, Tt, C = x.shape
     E = target_embedding.shape[2]

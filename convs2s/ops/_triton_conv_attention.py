@@ -2,7 +2,7 @@
 
     convs2s::conv_attention_triton_fwd(x, target_embedding, encoder_keys, encoder_values, src_padding_mask?,
                                        w_in, b_in, w_out, b_out, need_weights)
-        -> (out (B, Tt, C), attn (B, Tt, Ts) or (0,), ctx (B, Tt, E), q0 (B, Tt, E), lse (B, Tt) fp32,
+        -> (out (B, Tt, C), attn (B, Tt, Ts) or (0,), ctx (B, Tt, E), q0 (B, Tt, E), lse (B, Tt) fp64,
             root_s (B,) fp32)
     convs2s::conv_attention_triton_bwd(dout, dattn?, x, encoder_keys, encoder_values, src_padding_mask?, w_in,
                                        w_out, ctx, q0, lse, root_s, attn?)
@@ -10,13 +10,13 @@
 
 ctx, q0, lse and root_s are returned only for backward (not differentiable). Both ops are opaque to
 torch.compile, which traces them through their fake implementations (fullgraph=True works). Eager calls run the
-same forward and backward through an autograd.Function instead (_EagerFunction: less host time per call).
-float32, float16 and bfloat16 only; the gradient of a loss on the attention weights is supported.
+same launchers through _EagerFunction, or bare when no gradient will flow (the eager fast path,
+convs2s/ops/_binding.py). float32, float16 and bfloat16 only; the gradient of a loss on the attention weights is
+supported.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -25,18 +25,19 @@ from torch import Tensor
 from convs2s.kernels import conv_attention as _k
 
 from ._backend import register
+from ._binding import device_guard, grad_needed
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _forward_impl(x, *args):
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_guard(x):
         return _k.conv_attention_forward(x, *args)
 
 
 def _backward_impl(dout, dattn, x, *args):
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_guard(x):
         return _k.conv_attention_backward(dout, dattn, x, *args)
 
 
@@ -56,9 +57,9 @@ def _(x, target_embedding, encoder_keys, encoder_values, src_padding_mask, w_in,
     Ts = encoder_keys.shape[1]
     out = x.new_empty(B, Tt, C)
     attn = x.new_empty(B, Tt, Ts) if need_weights else x.new_empty(0)
-    stats = dict(device=x.device, dtype=torch.float32)
-    return (out, attn, x.new_empty(B, Tt, E), x.new_empty(B, Tt, E), torch.empty(B, Tt, **stats),
-            torch.empty(B, **stats))
+    return (out, attn, x.new_empty(B, Tt, E), x.new_empty(B, Tt, E),
+            torch.empty(B, Tt, device=x.device, dtype=torch.float64),
+            torch.empty(B, device=x.device, dtype=torch.float32))
 
 
 @torch.library.custom_op("convs2s::conv_attention_triton_bwd", mutates_args=())
@@ -107,10 +108,8 @@ _fwd.register_autograd(lambda ctx, dout, dattn, *_: _gradients(ctx, dout, dattn,
 
 
 class _EagerFunction(torch.autograd.Function):
-    """The same forward and backward without the custom-op layer, for eager calls: a torch.library custom op
-    with autograd costs ~63 us of host time per call against ~15 us for an autograd.Function (a trivial op,
-    measured on this project's CI machine), and at B = 64, Tt = Ts = 32 the whole eager reference forward takes
-    ~240 us on an H200, host-bound. torch.compile traces the custom op instead."""
+    """The same forward and backward without the custom-op layer, for eager calls (convs2s/ops/_binding.py): at
+    B = 64, Tt = Ts = 32 the whole eager reference forward takes ~240 us on an H200, host-bound."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -134,6 +133,8 @@ def conv_attention_triton(x, target_embedding, encoder_keys, encoder_values, src
             need_weights)
     if torch.compiler.is_compiling():
         out, attn, *_ = _fwd(*args)
-    else:
+    elif grad_needed(x, target_embedding, encoder_keys, encoder_values, w_in, b_in, w_out, b_out):
         out, attn = _EagerFunction.apply(*args)
+    else:                               # nothing to save for a backward (inference, decoding)
+        out, attn, *_ = _forward_impl(*args)
     return out, (attn if need_weights else None)

@@ -18,6 +18,7 @@ _DOC = """
     encoder_keys     (B, Ts, E)   encoder output z
     encoder_values   (B, Ts, E)   (z + source embedding) * sqrt(0.5)
     src_padding_mask (B, Ts) bool, True = padding; or None (no padding). Every sentence needs >= 1 real token.
+    Tt, Ts, C, E >= 1; B = 0 gives empty results (and gradients: zero for the weights).
     w_in (E, C), b_in (E,), w_out (C, E), b_out (C,)              nn.Linear convention (y = x @ w.T + b)
     q    = (x @ w_in.T + b_in + target_embedding) * sqrt(0.5)                    (B, Tt, E)
     p    = softmax(q @ encoder_keys.T) over Ts, padding masked to probability 0  (B, Tt, Ts), fp32 softmax
@@ -38,6 +39,8 @@ def _validate(x, target_embedding, encoder_keys, encoder_values, src_padding_mas
     check_shape("encoder_keys", encoder_keys, (B, None, E), "(B, Ts, E)")
     check_tensor("encoder_values", encoder_values, 3)
     check_shape("encoder_values", encoder_values, (B, Ts, E), "(B, Ts, E)")
+    if C < 1 or E < 1:
+        raise ValueError(f"need at least one channel, got C = {C} (x), E = {E} (target_embedding)")
     if Tt < 1 or Ts < 1:
         raise ValueError(f"need at least one target and one source position, got Tt = {Tt}, Ts = {Ts}")
     check_tensor("w_in", w_in, 2)

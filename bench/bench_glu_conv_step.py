@@ -13,11 +13,13 @@ Contenders, per backend (reference and native; triton too on CUDA when usable):
 Shapes: multi30k decoder widths, C_in = C_out = 512, k = 3, B = 64 (greedy, 64 sentences) and B = 320 (beam 5),
 with bias and residual. Timing: every call timed on its own (device synchronised on CUDA), the contenders
 interleaved call by call in a rotating order so that machine noise hits all of them alike; median and 20/80
-quantiles over --reps calls each after a warm-up. On CPU pin one thread (the default) for a comparison: two
-OpenMP threads on a shared machine swing timings by up to 10x.
+quantiles over --reps calls each after a warm-up, of wall time and (on CPU) of the calling thread's CPU time.
+On CPU pin one thread (the default) for a comparison: two OpenMP threads on a shared machine swing timings by up
+to 10x.
 
-Rows: op, shape, backend, impl, ms, ms_p20, ms_p80, speedup_vs_window (window ms / this ms, same backend),
-max_abs_diff_vs_window (outputs of the two paths, a sanity check).
+Rows: op, shape, backend, impl, ms, ms_p20, ms_p80 (wall), on CPU also cpu_ms, cpu_ms_p20, cpu_ms_p80 (the
+thread's CPU time: robust where other processes share the cores), speedup_vs_window (window / this, same backend;
+from cpu_ms on CPU, ms elsewhere), max_abs_diff_vs_window (outputs of the two paths, a sanity check).
 """
 
 from __future__ import annotations
@@ -82,22 +84,32 @@ class StepPath:
 
 
 def interleaved(fns: dict, device: torch.device, reps: int, warmup: int = 5) -> dict:
-    """{name: {'ms', 'ms_p20', 'ms_p80'}}: each fn timed call by call, the calls of all fns interleaved."""
+    """{name: {'ms', 'ms_p20', 'ms_p80'[, 'cpu_ms', 'cpu_ms_p20', 'cpu_ms_p80']}}: each fn timed call by call, the
+    calls of all fns interleaved. On CPU also the calling thread's CPU time (with one torch thread all the work
+    runs on it): unlike wall time it does not count the time other processes hold the cores."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # noqa: E731
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             fns[n]()
-    times = {n: [] for n in names}
+    wall = {n: [] for n in names}
+    cpu = {n: [] for n in names}
     for r in range(reps):
         for n in names[r % len(names):] + names[:r % len(names)]:          # rotate who goes first
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             fns[n]()
             sync()
-            times[n].append((time.perf_counter() - t0) * 1e3)
-    return {n: {"ms": statistics.median(ts), "ms_p20": _quantile(ts, 0.2), "ms_p80": _quantile(ts, 0.8)}
-            for n, ts in times.items()}
+            wall[n].append((time.perf_counter() - t0) * 1e3)
+            cpu[n].append((time.thread_time() - c0) * 1e3)
+    out = {}
+    for n in names:
+        out[n] = {"ms": statistics.median(wall[n]), "ms_p20": _quantile(wall[n], 0.2),
+                  "ms_p80": _quantile(wall[n], 0.8)}
+        if device.type == "cpu":
+            out[n].update(cpu_ms=statistics.median(cpu[n]), cpu_ms_p20=_quantile(cpu[n], 0.2),
+                          cpu_ms_p80=_quantile(cpu[n], 0.8))
+    return out
 
 
 def _quantile(values: list[float], f: float) -> float:
@@ -119,9 +131,10 @@ def bench_shape(shape, device, dtype, backend_list, reps) -> list[dict]:
         timing = interleaved(fns, device, reps)
     rows = []
     for (be, impl), t in timing.items():
-        base = timing[(be, "window")]["ms"]
+        # The speedup from CPU time on CPU (robust to other processes on the machine), else from wall time.
+        key = "cpu_ms" if "cpu_ms" in t else "ms"
         rows.append({"op": "glu_conv_step", "shape": shape_s, "backend": be, "impl": impl, **t,
-                     "speedup_vs_window": base / t["ms"], "max_abs_diff_vs_window": diffs[be]})
+                     "speedup_vs_window": timing[(be, "window")][key] / t[key], "max_abs_diff_vs_window": diffs[be]})
         print(f"  {shape_s} {be} {impl}: {t['ms']:.4g} ms", file=sys.stderr)
     return rows
 
@@ -144,8 +157,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     for shape in (QUICK_SHAPES if args.quick else SHAPES):
         rows += bench_shape(shape, device, dtype, backend_list, reps)
-    common.print_table(rows, ["shape", "backend", "impl", "ms", "ms_p20", "ms_p80", "speedup_vs_window",
-                              "max_abs_diff_vs_window"])
+    common.print_table(rows, ["shape", "backend", "impl", "ms", "ms_p20", "ms_p80", "cpu_ms", "cpu_ms_p20",
+                              "cpu_ms_p80", "speedup_vs_window", "max_abs_diff_vs_window"])
     if args.out:
         common.write_json(args.out, "glu_conv_step", rows, dtype=args.dtype, threads=args.threads, reps=reps,
                           quick=args.quick)

@@ -6,9 +6,11 @@ Backends:
                TRITON_INTERPRET=1 (the interpreter runs the same kernels on CPU tensors).
   "native"     the compiled extension convs2s._C (csrc/): C++ CPU kernels, plus CUDA kernels when it was built
                with nvcc against a CUDA build of torch.
-  "auto"       CUDA tensors -> native if built for CUDA, else triton, else reference;
+  "auto"       CUDA tensors -> the fastest backend (SPEED_ORDER) that GPU_VALIDATED records as having passed its
+                               GPU test suite on this GPU's architecture, else reference;
                CPU tensors  -> native if built, else reference.
                The environment variable CONVS2S_BACKEND overrides "auto" (an explicit argument is not overridden).
+               explain_auto(op, device) says what auto picks and why each other backend is not picked.
 
 An explicit backend that cannot run the given tensors raises BackendUnavailableError; there is no silent
 fallback.
@@ -23,6 +25,30 @@ import os
 import torch
 
 BACKENDS = ("reference", "triton", "native")
+
+# The record of GPU test runs: (op, backend) -> the runs in which that backend's whole GPU test suite for the op
+# passed, one entry per GPU architecture ("sm_90": H100, H200). `auto` on a CUDA tensor picks only a backend
+# recorded for the device's architecture: kernels that never passed on a GPU are not chosen for the user.
+# bench/device_check.sh prints the entries to add after a green test step; add them in a commit of their own.
+GPU_VALIDATED: dict[tuple[str, str], list[dict[str, str]]] = {
+    ("glu_conv", "triton"): [
+        {"arch": "sm_90", "gpu": "NVIDIA H200", "commit": "183ad48", "date": "2026-11-26",
+         "versions": "torch 2.11.0+cu130, triton 3.6.0",
+         "tests": "tests/test_glu_conv_triton.py, CONVS2S_TRITON_AUTOTUNE=0: 80 passed, 1 failed, 51 skipped "
+                  "(bench/results/2026-11-26-h200-dev2-tests.log). The failure was the test's hand tolerance "
+                  "(1e-5 between two fp32 summation orders of dW, 7.8e-5 apart), not the kernels; the test now "
+                  "holds both orders to fp64 under the tolerance rule and awaits a GPU rerun (issue 15)."},
+    ],
+}
+
+# On CUDA, fastest first, among the backends GPU_VALIDATED records. glu_conv: Triton measured on an H200
+# (bench/results/2026-11-26-h200-dev5-glu_conv.json), native never timed on a GPU. conv_attention and
+# glu_conv_step: neither fused backend timed on a GPU yet; the order is the one to try first.
+SPEED_ORDER: dict[str, tuple[str, ...]] = {
+    "glu_conv": ("triton", "native"),
+    "conv_attention": ("native", "triton"),
+    "glu_conv_step": ("native", "triton"),
+}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -93,8 +119,52 @@ def why_not(backend: str, device: torch.device | str | None = None) -> str | Non
 
 
 def available_backends(device: torch.device | str | None = None) -> dict[str, str | None]:
-    """{backend: None if usable here, else the reason it is not}, for `device` (default: any device here)."""
+    """{backend: None if usable here, else the reason it is not}, for `device` (default: any device here).
+
+    Usable is not picked: on CUDA, auto also needs a GPU test record (GPU_VALIDATED); explain_auto says which."""
     return {b: why_not(b, device) for b in BACKENDS}
+
+
+def cuda_arch(device: torch.device | str) -> str:
+    """"sm_90" for a compute-capability 9.0 device: the architecture GPU_VALIDATED is keyed by."""
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    return f"sm_{major}{minor}"
+
+
+def gpu_record(op: str, backend: str, arch: str) -> dict[str, str] | None:
+    """The GPU_VALIDATED entry of (op, backend) for `arch`, or None."""
+    return next((r for r in GPU_VALIDATED.get((op, backend), []) if r["arch"] == arch), None)
+
+
+def explain_auto(op: str, device: torch.device | str) -> tuple[str, dict[str, str]]:
+    """(the backend `auto` picks for `op` on `device`, {every other backend: why auto does not pick it}).
+    CONVS2S_BACKEND is not consulted: this is auto's own choice."""
+    device = torch.device(device)
+    skipped: dict[str, str] = {}
+    if device.type == "cuda":
+        arch = cuda_arch(device)
+        order = [b for b in SPEED_ORDER.get(op, ()) if b != "reference"]
+    else:
+        arch, order = None, ["native"]
+    chosen = "reference"
+    for b in order:
+        reason = why_not(b, device)
+        if reason is None and _lookup(op, b) is None:
+            reason = f"op {op!r} has no {b!r} implementation"
+        if reason is None and arch is not None and gpu_record(op, b, arch) is None:
+            reason = (f"usable, but its GPU test suite for {op} has not passed on {arch} (no GPU_VALIDATED entry in "
+                      "convs2s/ops/_backend.py; bench/device_check.sh records one)")
+        if reason is None and chosen == "reference":
+            chosen = b
+        elif reason is None:
+            reason = f"validated, but {chosen!r} is faster (SPEED_ORDER)"
+        skipped[b] = reason
+    for b in BACKENDS:
+        if b not in skipped and b != chosen:
+            skipped[b] = "the fallback when no fused backend is picked" if b == "reference" else (
+                f"not considered by auto on {device.type} tensors")
+    skipped.pop(chosen, None)
+    return chosen, skipped
 
 
 def resolve(op: str, backend: str, device: torch.device):
@@ -124,12 +194,7 @@ def _resolve_name(op: str, backend: str, device_str: str) -> str:
         if env and env != "auto":
             backend = env
         else:
-            order = ("native", "triton", "reference") if device.type == "cuda" else ("native", "reference")
-            for b in order:
-                if why_not(b, device) is None:
-                    if _lookup(op, b) is not None:
-                        return b
-            raise AssertionError("unreachable: the reference backend is always usable")
+            return explain_auto(op, device)[0]
     reason = why_not(backend, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} cannot run {device.type} tensors here: {reason}")

@@ -223,12 +223,10 @@ def test_every_weight_product_is_int8(tied):
     model = tiny(tied)
     q = quantize_for_inference(model)
     assert not any(isinstance(m, (WNLinear, GLUConv1d, ConvAttention, nn.Linear)) for m in q.modules())
-    cfg = model.config
-    n_proj = sum(isinstance(m, WNLinear) for m in model.modules()) - 4 - 2 * sum(cfg.decoder_attention) - (not tied)
-    n_convs = len(cfg.encoder_layers) + len(cfg.decoder_layers)
-    n_int8 = sum(isinstance(m, Int8Linear) for m in q.modules())
-    # fc1, fc2 per side, fc3, two per attention layer, one per conv, the residual projections
-    assert n_int8 == 4 + 1 + 2 * sum(cfg.decoder_attention) + n_convs + n_proj
+    products = sum(isinstance(m, (WNLinear, GLUConv1d, nn.Linear)) for m in model.modules())   # fc3 tied or not
+    assert sum(isinstance(m, Int8Linear) for m in q.modules()) == products
+    assert isinstance(q.encoder.projections[2], Int8Linear) and isinstance(q.decoder.layers[1].proj, Int8Linear)
+    assert isinstance(q.decoder.layers[0].attention, Int8ConvAttention) and isinstance(q.decoder.fc3, Int8Linear)
     assert {m.kernel_size for m in q.modules() if isinstance(m, Int8GLUConv1d)} == {1, 2, 3}
     assert isinstance(q.decoder.embed_tokens, nn.Embedding) and q.decoder.embed_tokens.weight.dtype == torch.float32
     assert weight_bytes(q) < weight_bytes(model) / 2

@@ -360,3 +360,19 @@ def test_int8_layers_refuse_training_autocast_grad_and_other_devices():
         layer.prepare_step(torch.bfloat16)
     with pytest.raises(ValueError, match="kernel must be"):
         Int8Linear(torch.randn(4, 3), None, kernel="triton")
+
+
+def test_converted_fairseq_model_within_the_rule():
+    """The --fairseq path: a fairseq-layout checkpoint (fconv_wmt_en_de's layer pattern, width / 16) converted."""
+    from bench.bench_fairseq import fairseq_checkpoint
+    from convs2s.convert import from_fairseq
+    model = from_fairseq(fairseq_checkpoint("fconv_wmt_en_de", 50, 60, width_divisor=16, max_positions=64),
+                         backend="reference")
+    src, prev = batch(vocab=50)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(src, None, prev)
+        got = quantize_for_inference(model)(src, None, prev)
+        emulated = quantize_for_inference(model, kernel="reference")(src, None, prev)
+        hyps = beam_search(quantize_for_inference(model), src, beam=2, max_len=6)
+    assert_close_rule("fairseq logits", got, emulated, want, torch.float32)
+    assert all(len(h[0].tokens) <= 7 for h in hyps)

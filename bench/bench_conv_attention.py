@@ -20,8 +20,8 @@ Timing on CUDA, as bench_glu_conv.py: ms (and its quantiles) is the GPU time, ea
 graph, because at these sizes launching from Python costs more than the kernels (on an H200 every
 implementation's fwd+bwd took 1-2.5 ms with launches, eager's ~20 launches included); ms_with_launch times the
 same pass called from Python. An implementation that cannot be captured is timed with launches only
-(graph: false). Implementations are timed through the function each backend registers (eager: the reference),
-so the public op's argument checks, one of which reads the mask back to the host, are outside every figure.
+(graph: false). The fused backends are timed through the public op (argument checks included: host time only,
+the all-padding check is a device-side assert on CUDA); eager and compile run conv_attention_ref.
 
 Rows: op, shape, pass (fwd | bwd | fwd+bwd), impl, ms, ms_p20, ms_p80, ms_with_launch, graph, speedup_vs_eager,
 peak_mem_bytes, tflops, pct_of_gemm, max_abs_diff_vs_eager (forward output, a sanity check of each
@@ -43,7 +43,8 @@ try:
 except ImportError:  # run as a script
     import common  # type: ignore
 
-from convs2s.ops import BackendUnavailableError, _backend, available_backends, conv_attention_ref
+from convs2s.ops import (BackendUnavailableError, available_backends, conv_attention, conv_attention_ref,
+                         resolve_backend)
 from convs2s.ops.conv_attention import source_lengths_scale
 
 SQRT_HALF = math.sqrt(0.5)
@@ -131,12 +132,10 @@ def _op(impl: str, device: torch.device, retained: bool = False):
         return torch.compile(_ref_retained if retained else _ref, dynamic=False)  # static: its best case
     if impl == "sdpa":
         return lambda *a: conv_attention_sdpa(*a)[0]
-    # The backend's registered function, as the public op calls it after validation: eager and compile time
-    # conv_attention_ref without validation too, and the public op's check that no sentence is all padding
-    # reads the mask back to the host (a device sync per call, which would expose every microsecond of host
-    # time in these timings while eager's launches overlap the GPU work).
-    _, fn = _backend.resolve("conv_attention", impl.split("-")[0], device)
-    return lambda *a: fn(*a, False)[0]
+    # The public op on the resolved backend (raises BackendUnavailableError when it cannot run here). Its
+    # validation adds host time only: on CUDA the all-padding check is a device-side assert, no sync.
+    backend = resolve_backend("conv_attention", impl.split("-")[0], device)
+    return lambda *a: conv_attention(*a, backend=backend)[0]
 
 
 @contextlib.contextmanager

@@ -14,10 +14,12 @@ hash of (the files' SHA-256, the tokenizer models' SHA-256, the format):
     src.offsets.npy, ...      (n + 1,) int64: sentence i is ids[offsets[i]:offsets[i + 1]]
     meta.json                 dtype, counts, the source files and hashes
 A folder is written under a temporary name and renamed when complete, so a killed run never leaves a half cache.
-Files are identified by the SHA-256 of their bytes (compressed bytes for .gz), not by size and modification time:
-copies made with cp -p, rsync -a or tar keep both while the content may differ, and a stale cache would train on
-the wrong text silently. Hashing reads every byte (hashlib, ~0.5 GB/s a core here; the two sides in two threads).
-The line checks run once per file content and leave a stamp, so a second run skips them.
+Files are identified by the SHA-256 of their bytes (compressed bytes for .gz), not by size and modification time
+alone: copies made with cp -p, rsync -a or tar keep both while the content may differ, and a stale cache would
+train on the wrong text silently. Hashing reads every byte (172 MB/s for two files on two busy cores, measured by
+bench/bench_corpus.py), so each file's hash is remembered in the cache under its identity including ctime, which
+every write changes (file_sha256): a second run pays a stat per file. The line checks run once per file content
+and leave a stamp, so a second run skips them too.
 
 Multi30k (`--data`) does not go through this cache: its 29k pairs encode in about a second and its files are
 checked against embedded checksums (convs2s.data).
@@ -34,7 +36,6 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -158,29 +159,30 @@ def count_lines(path: Path) -> int:
     return n
 
 
-_HASHES: dict[tuple, str] = {}
-_HASH_LOCK = threading.Lock()
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of the file's bytes, remembered for this process by (path, size, mtime)."""
+def file_sha256(path: Path, cache_dir: str | os.PathLike | None = None) -> str:
+    """SHA-256 of the file's bytes. With `cache_dir`, remembered there under the file's identity (path, device,
+    inode, size, mtime, ctime): any write to the file changes its ctime, which cp -p, rsync -a and touch cannot
+    set back, so a changed file is hashed again while an unchanged one costs one stat (git's index does the same)."""
     st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    with _HASH_LOCK:
-        if key in _HASHES:
-            return _HASHES[key]
+    memo = None
+    if cache_dir is not None:
+        identity = [str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        memo = Path(cache_dir) / "sha256" / _digest(identity)
+        if memo.is_file():
+            return memo.read_text()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)                  # hashlib releases the GIL on large buffers: two files, two threads
-    with _HASH_LOCK:
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(memo, h.hexdigest())
+    return h.hexdigest()
 
 
-def pair_sha256(pair: PairFiles) -> tuple[str, str]:
+def pair_sha256(pair: PairFiles, cache_dir: str | os.PathLike | None = None) -> tuple[str, str]:
     with ThreadPoolExecutor(2) as pool:
-        return tuple(pool.map(file_sha256, pair))
+        return tuple(pool.map(lambda p: file_sha256(p, cache_dir), pair))
 
 
 def _digest(obj) -> str:
@@ -194,7 +196,7 @@ def check_pair(pair: PairFiles, cache_dir: str | os.PathLike | None = None, what
     """
     stamp = None
     if cache_dir is not None:
-        stamp = Path(cache_dir) / f"checked-{_digest(pair_sha256(pair))}.json"
+        stamp = Path(cache_dir) / f"checked-{_digest(pair_sha256(pair, cache_dir))}.json"
         if stamp.is_file():
             return json.loads(stamp.read_text())["lines"]
     with ThreadPoolExecutor(2) as pool:
@@ -226,7 +228,7 @@ def train_tokenizer(pair: PairFiles, cache_dir: str | os.PathLike | None, *, voc
     """
     path = None
     if cache_dir is not None:
-        key = _digest({"files": pair_sha256(pair), "vocab_size": vocab_size, "model_type": model_type,
+        key = _digest({"files": pair_sha256(pair, cache_dir), "vocab_size": vocab_size, "model_type": model_type,
                        "joint": joint, "sample": sample})
         path = Path(cache_dir) / f"tokenizer-{key}.pt"
         if path.is_file():
@@ -301,7 +303,7 @@ def encode_pair(pair: PairFiles, tok: Tokenizer, cache_dir: str | os.PathLike, *
     """The encoded corpus from the cache, encoding it first (on `workers` processes, default all cores) when
     this (files, tokenizer) pair is not there. `log(str)` hears what happened."""
     cache_dir = Path(cache_dir)
-    key = _digest({"format": FORMAT, "files": pair_sha256(pair),
+    key = _digest({"format": FORMAT, "files": pair_sha256(pair, cache_dir),
                    "tokenizer": [hashlib.sha256(tok.src_proto).hexdigest(), hashlib.sha256(tok.tgt_proto).hexdigest()]})
     folder = cache_dir / f"corpus-{key}"
     if not (folder / "meta.json").is_file():
@@ -314,7 +316,7 @@ def encode_pair(pair: PairFiles, tok: Tokenizer, cache_dir: str | os.PathLike, *
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".corpus-{key}."))
         try:
-            meta = {"format": FORMAT, "files": [str(p) for p in pair], "sha256": list(pair_sha256(pair))}
+            meta = {"format": FORMAT, "files": [str(p) for p in pair], "sha256": list(pair_sha256(pair, cache_dir))}
             for side, path, sp_proto, vocab in (("src", pair.src, tok.src_proto, tok.src_vocab_size),
                                                  ("tgt", pair.tgt, tok.tgt_proto, tok.tgt_vocab_size)):
                 offsets = _encode_file(path, sp_proto, vocab, tmp / f"{side}.ids", workers, block_bytes)

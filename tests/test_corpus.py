@@ -3,6 +3,7 @@ on-disk cache (equal to encoding in memory, reused, never half-written), length 
 
 import gzip
 import random
+import re
 
 import numpy as np
 import pytest
@@ -110,6 +111,27 @@ def test_check_is_stamped_by_content(tmp_path, monkeypatch):
         C.check_pair(pair, tmp_path / "cache")
 
 
+def test_file_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    import hashlib
+    import os
+    path = tmp_path / "c.xx"
+    path.write_bytes(b"eins\nzwei\n")
+    digest = C.file_sha256(path, tmp_path / "cache")
+    assert digest == hashlib.sha256(b"eins\nzwei\n").hexdigest()
+    real = hashlib.sha256
+
+    def no_file_hashing(*data):              # file_sha256 starts an empty hash; cache keys hash bytes given
+        return real(*data) if data else pytest.fail("the remembered hash should have been used")
+    monkeypatch.setattr(hashlib, "sha256", no_file_hashing)
+    assert C.file_sha256(path, tmp_path / "cache") == digest
+    monkeypatch.setattr(hashlib, "sha256", real)
+    # Same size, modification time set back (as cp -p would): the ctime still changes, so it is hashed again.
+    st = path.stat()
+    path.write_bytes(b"eins\ndrei\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert C.file_sha256(path, tmp_path / "cache") == hashlib.sha256(b"eins\ndrei\n").hexdigest()
+
+
 # ------------------------------------------------------------------------------------------ tokenizer
 
 def test_sampled_tokenizer_is_deterministic_and_cached(tmp_path, monkeypatch):
@@ -187,7 +209,7 @@ def test_a_killed_encoding_leaves_no_cache(small, tmp_path, monkeypatch):
     monkeypatch.setattr(C, "_encode_file", boom)
     with pytest.raises(KeyboardInterrupt):
         C.encode_pair(pair, tok, tmp_path, workers=1)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["sha256"]          # the remembered file hashes only
 
 
 # ------------------------------------------------------------------------------------------ filtering, batching
@@ -310,7 +332,7 @@ def test_cli_trains_on_own_files_with_overrides_then_translates_and_evaluates(fi
     ("empty", r"valid\.yy is empty"),
     ("missing", r"validation set \(--valid\) has no yy side"),
 ])
-def test_cli_bad_inputs_stop_before_any_training(files, problem, message):
+def test_cli_bad_inputs_stop_before_any_training(files, problem, message, capsys):
     from convs2s.cli import main
     root = files
     if problem == "mismatch":
@@ -321,24 +343,28 @@ def test_cli_bad_inputs_stop_before_any_training(files, problem, message):
         (root / "valid.yy").write_bytes(b"")
     else:
         (root / "valid.yy").unlink()
-    with pytest.raises(SystemExit, match=message):
-        main(_train_argv(root, "--save-dir", str(root / "run"), "--max-updates", "1"))
+    _fails(capsys, message, _train_argv(root, "--save-dir", str(root / "run"), "--max-updates", "1"))
     assert not (root / "run" / "last.pt").exists() and not list((root / "cache").glob("tokenizer-*"))
+
+
+def _fails(capsys, pattern, argv):
+    """`convs2s ARGV` exits with status 2 and a one-line error matching `pattern` (no traceback)."""
+    from convs2s.cli import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_cli_option_errors(files, capsys):
     from convs2s.cli import main
     root = files
-    with pytest.raises(SystemExit, match="go together"):
-        main(["train", "--train", str(root / "train"), "--src-lang", "xx", "--tgt-lang", "yy"])
-    with pytest.raises(SystemExit, match="--src-lang 'xx': Multi30k has de, en, fr, cs"):
-        main(["train", "--src-lang", "xx", "--tgt-lang", "en"])
-    with pytest.raises(SystemExit, match="decoder_attention has 2 flags for 3 decoder layers"):
-        main(_train_argv(root, "--decoder-attention", "[True, False]"))
-    with pytest.raises(SystemExit, match="attention needs encoder_embed_dim == decoder_embed_dim"):
-        main(_train_argv(root, "--encoder-embed-dim", "24"))
-    with pytest.raises(SystemExit, match="unknown --arch 'fconv_big'"):
-        main(_train_argv(root)[:-2] + ["--arch", "fconv_big"])
+    _fails(capsys, "go together", ["train", "--train", str(root / "train"), "--src-lang", "xx", "--tgt-lang", "yy"])
+    _fails(capsys, "--src-lang 'xx': Multi30k has de, en, fr, cs", ["train", "--src-lang", "xx", "--tgt-lang", "en"])
+    _fails(capsys, "decoder_attention has 2 flags for 3 decoder layers",
+           _train_argv(root, "--decoder-attention", "[True, False]"))
+    _fails(capsys, "attention needs encoder_embed_dim == decoder_embed_dim",
+           _train_argv(root, "--encoder-embed-dim", "24"))
+    _fails(capsys, "unknown --arch 'fconv_big'", _train_argv(root)[:-2] + ["--arch", "fconv_big"])
     with pytest.raises(SystemExit):
         main(_train_argv(root, "--encoder-layers", "[(512, 3)] * 9 +"))
     assert "cannot parse fairseq layer string" in capsys.readouterr().err

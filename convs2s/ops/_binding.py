@@ -3,11 +3,12 @@
     device_guard(t)      the CUDA device guard: kernels launch on t's GPU, whatever the current device is
     grad_needed(*ts)     whether autograd will ask for a gradient of any of ts (the eager fast path's test)
 
-The eager fast path, the same for every fused op: under torch.compile the public function calls the op's
-torch.library custom op (traced through its fake implementation); in eager mode it calls the launchers directly,
-through an autograd.Function when a gradient is needed (a custom op with autograd costs ~63 us of host time per
-call against ~15 us for an autograd.Function, measured on the CI machine) and without saving anything for the
-backward when none is.
+The eager fast path, the same for every fused op and backend: under torch.compile the public function calls the
+op's custom op (traced through its fake implementation); in eager mode it skips the op's autograd registration:
+through an autograd.Function when a gradient is needed (a torch.library custom op with autograd costs ~63 us of
+host time per call against ~15 us for an autograd.Function, measured on the CI machine), and straight to the
+kernels, saving nothing for a backward, when none is. Triton: the launchers of kernels/<op>.py; native: the C++ op
+below the autograd layer (torch._C._AutoDispatchBelowAutograd).
 """
 
 from __future__ import annotations

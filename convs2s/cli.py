@@ -51,6 +51,8 @@ def _at_least(minimum, kind=int):
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--max-tokens", type=_at_least(1), default=4000, help="padded tokens per batch (default 4000)")
+    p.add_argument("--num-threads", type=_at_least(0), default=0,
+                   help="torch CPU threads (0 = torch's default: one per core, or $OMP_NUM_THREADS)")
 
 
 def _add_train(sub) -> None:
@@ -124,6 +126,8 @@ def _add_train(sub) -> None:
                    help="validation sentences decoded for BLEU each epoch (-1 = all, 0 = no BLEU)")
     p.add_argument("--log-interval", type=int, default=d.log_interval, help="updates between JSONL records")
     p.add_argument("--save-interval-updates", type=int, default=0, help="also save last.pt every N updates")
+    p.add_argument("--keep-interval-checkpoints", action="store_true",
+                   help="also keep checkpoint_<update>.pt every --save-interval-updates (for convs2s average)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
     p.add_argument("--metrics-json", default=None, help="write the final metrics to this JSON file")
     p.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -412,6 +416,9 @@ def _one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     prog = f"convs2s {args.command}"
+    if args.command != "train" and getattr(args, "num_threads", 0):    # train sets (and restores) its own
+        import torch
+        torch.set_num_threads(args.num_threads)
     try:
         return args.func(args)
     except SystemExit as e:

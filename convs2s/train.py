@@ -111,6 +111,8 @@ class TrainArgs:
     log_interval: int = 50            # updates between JSONL train records
     update_freq: int = 1              # batches per update (gradient accumulation, fairseq's --update-freq)
     save_interval_updates: int = 0   # also save last.pt every N updates (0 = at epoch ends and at the stop)
+    keep_interval_checkpoints: bool = False  # also keep checkpoint_<update>.pt at each of those updates
+                                             # (for convs2s.average)
     deterministic: bool = False       # torch.use_deterministic_algorithms (exact resume on CUDA too)
     metrics_json: str | None = None   # write the final metrics here (rank 0)
     progress: bool = True             # tqdm bars (rank 0)
@@ -319,7 +321,8 @@ def _train(args: TrainArgs) -> TrainResult:
         saved = ckpt["args"]
         # The run's identity comes from the checkpoint; limits, logging and devices from this command line.
         keep = {"max_epochs", "max_updates", "max_minutes", "resume", "save_dir", "device", "backend", "data",
-                "metrics_json", "progress", "log_interval", "save_interval_updates", "val_bleu_sentences",
+                "metrics_json", "progress", "log_interval", "save_interval_updates", "keep_interval_checkpoints",
+                "val_bleu_sentences",
                 "num_threads", "cache_dir", "encode_workers"}
         args = dataclasses.replace(args, **{k: v for k, v in saved.items()
                                            if k not in keep and k in TrainArgs.__dataclass_fields__})
@@ -435,6 +438,9 @@ def _train(args: TrainArgs) -> TrainResult:
             save_checkpoint(obj, save_dir / "last.pt")
             if best:
                 save_checkpoint(obj, save_dir / "best.pt")
+            n = args.save_interval_updates
+            if args.keep_interval_checkpoints and n and state["updates"] % n == 0:
+                save_checkpoint(obj, save_dir / f"checkpoint_{state['updates']}.pt")
 
     def run_validation() -> dict:
         def compute() -> dict:

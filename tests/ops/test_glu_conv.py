@@ -522,14 +522,19 @@ ints = dict(M=M, T=T, C_in=C, C_out=C, M_BUCKET=M, ROWS_PER_SPLIT=1024,
             stride_xb=T * C, stride_xt=C, stride_xc=1, stride_wk=C * N2, stride_wc=N2, stride_wn=1,
             stride_rb=T * C, stride_rt=C, stride_rc=1, stride_ds=3 * C * N2, stride_dk=C * N2, stride_dc=N2,
             stride_dn=1)
-for configs, name in (("FWD_CONFIGS", "_fwd_kernel"), ("DX_CONFIGS", "_dx_kernel"), ("DW_CONFIGS", "_dw_kernel")):
-    fn = getattr(K, name).fn
-    for cfg in getattr(K, configs):
+ints.update(stride_dyb=T * C, stride_dyt=C, stride_dyc=1)
+# Each autotuned kernel's GPU configs and ONE_CONFIG (CONVS2S_TRITON_AUTOTUNE=0); the GLU-gradient pass's fixed one.
+glu_bwd = triton.Config(dict(BLOCK_M=32, BLOCK_N=128, STORE_DB=True, STORE_DRES=True), num_warps=4)
+kernels = [(name, getattr(K, name).fn, getattr(K, configs) + [K.ONE_CONFIG])
+           for configs, name in (("FWD_CONFIGS", "_fwd_kernel"), ("DX_CONFIGS", "_dx_kernel"),
+                                 ("DW_CONFIGS", "_dw_kernel"))] + [("_glu_bwd_kernel", K._glu_bwd_kernel, [glu_bwd])]
+for name, fn, cfgs in kernels:
+    for cfg in cfgs:
         const = {n: v for n, v in {**flags, **cfg.kwargs}.items() if n in fn.arg_names}
         const.update({n: 1 for n in fn.arg_names if ints.get(n) == 1})
-        # bf16 tensors; dW's output is the fp32 split-M partials (its usual case on a GPU)
-        sig = {n: "constexpr" if n in const else "*fp32" if n == "dw_ptr" else "*bf16" if n.endswith("_ptr")
-               else "i32" for n in fn.arg_names}
+        # bf16 tensors; dW's output is the fp32 split-M partials (its usual case on a GPU), db's partials are fp32
+        sig = {n: "constexpr" if n in const else "*fp32" if n in ("dw_ptr", "dbp_ptr") else "*bf16"
+               if n.endswith("_ptr") else "i32" for n in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                  if n not in const and (n.endswith("_ptr") or ints[n] % 16 == 0)}
         compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
@@ -546,11 +551,12 @@ for configs, name in (("FWD_CONFIGS", "_fwd_kernel"), ("DX_CONFIGS", "_dx_kernel
 
 @pytest.mark.needs_backend("triton", "cpu")
 def test_every_config_compiles_for_sm90_without_spills():
-    """Every GPU config of every autotuned glu_conv kernel, compiled in bf16 for sm_90 with Triton's own ptxas (no
-    GPU needed): it must compile (the interpreter accepts what the GPU compiler may not) and not spill registers.
+    """Every GPU config of every glu_conv kernel (the autotuned ones' lists and ONE_CONFIG, the GLU-gradient pass's
+    fixed config), compiled in bf16 for sm_90 with Triton's own ptxas (no GPU needed): it must compile (the
+    interpreter accepts what the GPU compiler may not) and not spill registers.
     In a subprocess: triton cannot compile in a process that imported it with TRITON_INTERPRET=1."""
     from convs2s.kernels import glu_conv as K
-    n_configs = sum(len(getattr(K, c)) for c, _ in KERNEL_CONFIGS)
+    n_configs = sum(len(getattr(K, c)) + 1 for c, _ in KERNEL_CONFIGS) + 1       # + ONE_CONFIG each, + GLU pass
     env = dict(os.environ, TRITON_INTERPRET="0")
     r = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env, timeout=900)
     print(r.stdout, r.stderr[-3000:])

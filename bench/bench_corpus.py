@@ -10,6 +10,8 @@ and of its own children, i.e. the encoding pool's largest worker):
   encode     both sides into the memory-mapped cache on every core: sentences/s, cache size on disk
   train      `convs2s train --train ... --arch small --max-updates 3` with everything cached (a second run):
              seconds from the process start to the end of the first update, peak RSS
+  startup    the same second run's phases: imports, opening the cache, filtering, the epoch's batches, the model,
+             the first forward + backward
   lists      today's in-memory way at --list-pairs: lines read into Python lists, encoded to lists of lists
              (data.PairDataset), batches built: peak RSS over the same process's baseline, vs the cache's
 """
@@ -83,8 +85,8 @@ def step_encode(a) -> dict:
     n = len(ds)
     disk = sum(p.stat().st_size for p in ds.folder.iterdir())
     tokens = int(ds._src.offsets[-1] + ds._tgt.offsets[-1])
-    return {"pairs": n, "workers": workers, "seconds": round(seconds, 1),
-            "sentences_per_s": round(2 * n / seconds), "tokens": tokens, "tokens_per_sentence": round(tokens / 2 / n, 1),
+    return {"pairs": n, "workers": workers, "seconds": round(seconds, 1), "sentences_per_s": round(2 * n / seconds),
+            "tokens": tokens, "tokens_per_sentence": round(tokens / 2 / n, 1),
             "ids_dtype": str(ds._src.ids.dtype), "cache_bytes": disk, "cache_mb": round(disk / 2**20, 1),
             "cache_bytes_per_pair": round(disk / n, 1), **_rss_mb()}
 
@@ -107,6 +109,45 @@ def step_train(a) -> dict:
     return {"train_called_at": t_call, "first_update_wall_s_after_call": first["wall_s"],
             "train_pairs_after_filter": start["train_pairs"], "updates": r.metrics["updates"], "arch": "small",
             "max_tokens": 4000, **_rss_mb()}
+
+
+def step_startup(a) -> dict:
+    """What a second run spends before its first update, phase by phase (everything cached)."""
+    t0 = time.time()
+    import torch
+    t_torch = time.time() - t0
+    from convs2s import corpus as C
+    from convs2s import data as D
+    from convs2s.model import ConvS2S, ConvS2SConfig
+    from convs2s.train import arch_fields, label_smoothed_nll_loss
+    phases = {"import_torch_s": t_torch, "import_convs2s_s": time.time() - t0 - t_torch}
+    work = Path(a.work)
+
+    def timed(name, fn):
+        t = time.time()
+        value = fn()
+        phases[name] = time.time() - t
+        return value
+    c = timed("prepare_cached_s", lambda: C.prepare(work / "train", work / "valid", "en", "de", vocab_size=a.vocab_size,
+                                                     sample=a.spm_sample, cache_dir=work / "cache", valid_lines=0))
+    timed("filter_s", lambda: (c.train.filter(1024, 1024), c.valid.filter(1024, 1024)))
+    torch.set_num_threads(1)
+    torch.manual_seed(1)
+    model = timed("build_model_s", lambda: ConvS2S(ConvS2SConfig(src_vocab_size=c.tokenizer.src_vocab_size,
+                                                                  tgt_vocab_size=c.tokenizer.tgt_vocab_size,
+                                                                  **arch_fields("small"))))
+    sampler = D.TokenBatchSampler(c.train.src_sizes, c.train.tgt_sizes, 4000)
+    first = timed("epoch_batches_s", lambda: next(iter(sampler)))
+    batch = timed("collate_s", lambda: c.train.collate(first))
+
+    def update():
+        logits = model(batch.src_tokens, batch.src_lengths, batch.prev_output_tokens)
+        label_smoothed_nll_loss(logits, batch.target, 0.1)[0].backward()
+    timed("first_forward_backward_s", update)
+    phases = {k: round(v, 3) for k, v in phases.items()}
+    data = ("prepare_cached_s", "filter_s", "epoch_batches_s", "collate_s")
+    return {**phases, "data_side_s": round(sum(phases[k] for k in data), 2), "batches_per_epoch": len(sampler),
+            "pairs": len(c.train), **_rss_mb()}
 
 
 def step_lists(a) -> dict:
@@ -146,7 +187,7 @@ def step_lists(a) -> dict:
 
 
 STEPS = {"check": step_check, "tokenizer": step_tokenizer, "encode": step_encode, "train": step_train,
-         "lists": step_lists}
+         "startup": step_startup, "lists": step_lists}
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -176,7 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--spm-sample", type=int, default=1_000_000)
     p.add_argument("--list-pairs", type=int, default=200_000)
-    p.add_argument("--steps", default="check,tokenizer,encode,train,lists")
+    p.add_argument("--steps", default="check,tokenizer,encode,train,startup,lists")
     p.add_argument("--out", default=None, help="JSON results file")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)

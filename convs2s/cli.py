@@ -334,6 +334,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--output", default=None, help="hypotheses file (default: beside the checkpoint)")
     p.add_argument("--backend", default=None, choices=("auto", "reference", "triton", "native"))
     p.add_argument("--beam", type=_at_least(1), default=1)
+    p.add_argument("--lenpen", type=float, default=1.0,
+                   help="length penalty with --beam > 1: score = log-prob / length ** lenpen (default 1.0)")
     p.add_argument("--int8", action="store_true", help="int8 weights on the CPU (convs2s.quantize)")
     p.add_argument("--examples", type=_at_least(0), default=0, help="print this many example translations")
     p.add_argument("--metrics-json", default=None, help="write the scores to this JSON file")
@@ -347,7 +349,7 @@ def _run_evaluate(a: argparse.Namespace) -> int:
         raise SystemExit("convs2s evaluate: give either --split NAME or --src FILE --ref FILE")
     evaluate(a.checkpoint, split=a.split, src=a.src, ref=a.ref, data=a.data, src_lang=a.src_lang,
              tgt_lang=a.tgt_lang, output=a.output, device=a.device, backend=a.backend, max_tokens=a.max_tokens,
-             beam=a.beam, examples=a.examples, metrics_json=a.metrics_json, int8=a.int8)
+             beam=a.beam, lenpen=a.lenpen, examples=a.examples, metrics_json=a.metrics_json, int8=a.int8)
     return 0
 
 
@@ -380,10 +382,27 @@ def _run_plot_attention(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_average(sub) -> None:
+    p = sub.add_parser("average", help="average the weights of a run's checkpoints (fairseq's average_checkpoints)")
+    p.add_argument("--inputs", nargs="+", required=True, metavar="CKPT",
+                   help="checkpoint files, or one folder with --last N")
+    p.add_argument("--last", type=_at_least(1), default=None, metavar="N",
+                   help="the folder's newest N checkpoint_<update>.pt (train --keep-interval-checkpoints)")
+    p.add_argument("--output", required=True, help="the averaged checkpoint (loadable by evaluate / translate)")
+    p.set_defaults(func=_run_average)
+
+
+def _run_average(a: argparse.Namespace) -> int:
+    from .average import main as average
+    average(a.inputs, a.output, last=a.last)
+    return 0
+
+
 SUBCOMMANDS = {
     "train": _add_train,
     "translate": _add_translate,
     "evaluate": _add_evaluate,
+    "average": _add_average,
     "plot-attention": _add_plot_attention,
 }
 

@@ -34,9 +34,10 @@ def score(hyps: list[str], refs: list[str]) -> dict:
 def evaluate(checkpoint: str, *, split: str | None = None, src: str | None = None, ref: str | None = None,
              data: str | None = None, src_lang: str | None = None, tgt_lang: str | None = None,
              output: str | None = None, device: str = "auto", backend: str | None = None, max_tokens: int = 4000,
-             beam: int = 1, examples: int = 0, metrics_json: str | None = None, quiet: bool = False,
-             int8: bool = False) -> dict:
+             beam: int = 1, lenpen: float = 1.0, examples: int = 0, metrics_json: str | None = None,
+             quiet: bool = False, int8: bool = False) -> dict:
     """Translate and score; returns {bleu, chrf, signatures, n, output, ...}. Exactly one of split / (src, ref).
+    lenpen: the beam search's length penalty (score = log-prob / length ** lenpen; no effect with beam 1).
     int8: translate with int8 weights (convs2s.quantize; CPU only)."""
     if (split is None) == (src is None):
         raise ValueError("give either a Multi30k split (--split) or a source file (--src, with --ref)")
@@ -65,13 +66,14 @@ def evaluate(checkpoint: str, *, split: str | None = None, src: str | None = Non
     if len(src_lines) != len(ref_lines):
         raise ValueError(f"{len(src_lines)} source lines but {len(ref_lines)} reference lines")
     t0 = time.time()
-    hyps = translate_lines(model, tok, src_lines, max_tokens=max_tokens, beam=beam)
+    hyps = translate_lines(model, tok, src_lines, max_tokens=max_tokens, beam=beam, len_penalty=lenpen)
     seconds = time.time() - t0
     out_path = Path(output) if output else Path(checkpoint).with_name(f"{name}.{tgt_lang or 'out'}.hyp")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     metrics = {"checkpoint": str(checkpoint), "set": name, "src_lang": src_lang, "tgt_lang": tgt_lang,
-               "n": len(hyps), "beam": beam, "int8": int8, "device": str(dev), "translate_s": round(seconds, 2),
+               "n": len(hyps), "beam": beam, "lenpen": lenpen, "int8": int8, "device": str(dev),
+               "translate_s": round(seconds, 2),
                "sentences_per_s": len(hyps) / max(seconds, 1e-9), "output": str(out_path), **score(hyps, ref_lines)}
     if not quiet:
         print(f"{name} {src_lang}->{tgt_lang}: {len(hyps)} sentences translated in {seconds:.1f} s; "

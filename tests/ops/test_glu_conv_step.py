@@ -1,47 +1,44 @@
-"""glu_conv_step, every backend (a parametrize axis) against the PyTorch reference and the whole-sequence op.
+"""glu_conv_step on every backend (a parametrize axis) against the PyTorch reference and the whole-sequence op.
 
-One test body per property: values in fp64 (to 1e-12) over k, B (0 included), C_in != C_out, optional bias and
-residual; low precision under the tolerance rule of tests/tolerance.py (the yardstick: the full causal glu_conv's
-last step computed in that precision); the in-place state update (exact); step-by-step outputs equal
-glu_conv(causal=True) over the whole sequence; non-contiguous inputs; bad inputs; inputs requiring grad.
-A backend that cannot run here skips with the reason; CUDA cases skip without a GPU. Without a GPU the Triton
-kernels run in the interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small.
+One test body per property: values over k, B (0 included), C_in != C_out, optional bias and residual (fp64 to
+1e-12 on reference and native; fp32 under the tolerance rule on triton, which accumulates in fp32 and refuses
+fp64); low precision under tests/tolerance.py's rule (the yardstick: the full causal glu_conv's last step computed
+in that precision); the in-place state update (exact); step-by-step outputs equal glu_conv(causal=True) over the
+whole sequence; non-contiguous inputs; bad inputs; inputs requiring grad; the custom ops' registration.
+Backends and CUDA are conftest.py's needs_backend / needs_cuda marks. Without a GPU the Triton kernels run in the
+interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small.
 """
 
 import math
-import os
 
 import pytest
 import torch
 
-from convs2s.ops import (
-    BackendUnavailableError,
-    glu_conv,
-    glu_conv_ref,
-    glu_conv_step,
-    glu_conv_step_ref,
-    resolve_backend,
-)
+from convs2s.ops import glu_conv, glu_conv_ref, glu_conv_step, glu_conv_step_ref
+from tests.conftest import backend_param
 from tests.tolerance import assert_close_rule
 
-BACKENDS = ["reference", "native", "triton"]
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+BACKENDS = ("reference", "native", "triton")
+DEVICES = ("cpu", "cuda")
+# The most precise dtype each backend runs (triton accumulates in fp32 and refuses fp64), and the low-precision
+# dtypes it is held to per device (bf16 Triton on CUDA only: the interpreter's bf16 dot is not exact).
+PRECISE = {"reference": torch.float64, "native": torch.float64, "triton": torch.float32}
+LOW = {(b, d): (torch.float32, torch.float16, torch.bfloat16) for b in BACKENDS for d in DEVICES}
+LOW[("triton", "cpu")] = (torch.float32, torch.float16)
 
 
-def need(backend: str, device: str, dtype: torch.dtype | None = None) -> None:
-    """Skip unless `backend` runs glu_conv_step on `device` tensors here (and `dtype` where the backend is limited)."""
-    try:
-        resolve_backend("glu_conv_step", backend, device)
-    except BackendUnavailableError as e:
-        pytest.skip(str(e))
-    if backend == "triton" and device == "cuda" and INTERPRET:
-        pytest.skip("CUDA tensors are not run through the Triton interpreter")
-    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("bf16 Triton runs on CUDA only (the interpreter's bf16 dot is not exact)")
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("the Triton backend runs fp32/fp16/bf16 (it accumulates in fp32); fp64 is refused")
+def params(backends=BACKENDS, devices=DEVICES):
+    """backend_param(backend, device) for each backend and device."""
+    return [backend_param(b, d) for b in backends for d in devices]
+
+
+def dtype_params(dtypes_of):
+    """backend_param(backend, device, dtype) for each backend, device and dtype in dtypes_of(backend, device)."""
+    return [backend_param(b, d, dt) for b in BACKENDS for d in DEVICES for dt in dtypes_of(b, d)]
+
+
+def _id(value):
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else None
 
 
 def make_inputs(B, c_in, c_out, k, *, bias=True, residual=True, dtype=torch.float64, device="cpu"):
@@ -66,48 +63,57 @@ def full_last_step(x, state, w, b, r):
                         causal=True)[:, -1]
 
 
+def check_close(name, y, lowp_ref, ref64):
+    """y (any dtype) against the fp64 yardstick ref64: to 1e-12 in fp64; to torch's own fp32 tolerances in fp32
+    (outputs of a few elements make the tolerance rule's mean check a coin toss there); in fp16/bf16 under the
+    tolerance rule, with lowp_ref the same yardstick computed in y's dtype."""
+    assert y.shape == ref64.shape, (name, tuple(y.shape), tuple(ref64.shape))
+    if y.dtype == torch.float64:
+        torch.testing.assert_close(y, ref64, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    elif y.dtype == torch.float32:
+        torch.testing.assert_close(y.double(), ref64.double(), rtol=1.3e-6, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    else:
+        assert_close_rule(name, y, lowp_ref, ref64, y.dtype)
+
+
+def check_output(name, y, inputs):
+    """y against the full op's last step on `inputs` (x, state before the step, weight, bias, residual)."""
+    check_close(name, y, full_last_step(*inputs), full_last_step(*cast(inputs, torch.float64)))
+
+
 # ---- values --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device,dtype", dtype_params(lambda b, d: [PRECISE[b]]), ids=_id)
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 @pytest.mark.parametrize("B", [0, 1, 5])
 @pytest.mark.parametrize("c_in,c_out", [(5, 3), (16, 24)])
 @pytest.mark.parametrize("bias,residual", [(True, True), (False, False), (True, False), (False, True)])
-def test_fp64_matches_reference(device, backend, k, B, c_in, c_out, bias, residual):
-    need(backend, device, torch.float64)
-    x, state, w, b, r = make_inputs(B, c_in, c_out, k, bias=bias, residual=residual, device=device)
+def test_values(backend, device, dtype, k, B, c_in, c_out, bias, residual):
+    x, state, w, b, r = make_inputs(B, c_in, c_out, k, bias=bias, residual=residual, dtype=dtype, device=device)
     state0, state_ref = state.clone(), state.clone()
     want = glu_conv_step_ref(x, state_ref, w, b, r)
     got = glu_conv_step(x, state, w, b, r, backend=backend)
-    assert got.shape == (B, c_out) and got.dtype == torch.float64 and got.device.type == device
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(got, full_last_step(x, state0, w, b, r), rtol=1e-12, atol=1e-12)
+    assert got.shape == (B, c_out) and got.dtype == dtype and got.device.type == device
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    check_output("y", got, (x, state0, w, b, r))
     assert torch.equal(state, state_ref)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend,device,dtype", dtype_params(lambda b, d: LOW[(b, d)]), ids=_id)
 @pytest.mark.parametrize("k", [1, 3])
-def test_low_precision(device, backend, dtype, k):
-    need(backend, device, dtype)
-    base = make_inputs(5, 40, 24, k)
-    y64 = full_last_step(*base)
-    lowp = [t.to(device) for t in cast(base, dtype)]
-    y_lowp = full_last_step(*lowp)
-    x, state, w, b, r = [t.to(device) for t in cast(base, dtype)]
+def test_low_precision(backend, device, dtype, k):
+    x, state, w, b, r = make_inputs(5, 40, 24, k, dtype=dtype, device=device)
+    state0 = state.clone()
     y = glu_conv_step(x, state, w, b, r, backend=backend)
     assert y.dtype == dtype and y.shape == (5, 24)
-    assert_close_rule("y", y, y_lowp, y64, dtype)
-    assert torch.equal(state, torch.cat([lowp[1], lowp[0][:, None]], dim=1)[:, 1:])
+    check_output("y", y, (x, state0, w, b, r))
+    assert torch.equal(state, torch.cat([state0, x[:, None]], dim=1)[:, 1:])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", params())
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_state_update_in_place(device, backend, k):
-    need(backend, device)
+def test_state_update_in_place(backend, device, k):
     x, state, w, b, r = make_inputs(3, 6, 4, k, dtype=torch.float32, device=device)
     before = state.clone()
     ptr = state.data_ptr()
@@ -119,23 +125,19 @@ def test_state_update_in_place(device, backend, k):
         assert torch.equal(state[:, -1], x)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_k1_accepts_none_state(device, backend):
-    need(backend, device)
+@pytest.mark.parametrize("backend,device", params())
+def test_k1_accepts_none_state(backend, device):
     x, _, w, b, r = make_inputs(4, 6, 5, 1, dtype=torch.float32, device=device)
     torch.testing.assert_close(glu_conv_step(x, None, w, b, r, backend=backend),
                                glu_conv_step_ref(x, None, w, b, r), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", dtype_params(lambda b, d: [PRECISE[b]] + [torch.float32] * (
+    PRECISE[b] != torch.float32)), ids=_id)
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_steps_equal_whole_sequence(device, backend, dtype, k):
-    """T = 7 steps from a zero state equal glu_conv(causal=True) over the sequence at every position: to 1e-12 in
-    fp64; in fp32 under the tolerance rule (the yardstick: the whole-sequence op in fp32 vs fp64)."""
-    need(backend, device, dtype)
+def test_steps_equal_whole_sequence(backend, device, dtype, k):
+    """T = 7 steps from a zero state equal glu_conv(causal=True) over the sequence at every position (check_close:
+    to 1e-12 in fp64, to torch's fp32 tolerances against the fp64 whole-sequence op in fp32)."""
     B, T, c_in, c_out = 3, 7, 6, 5
     g = torch.Generator().manual_seed(k)
     x, r = (torch.randn(B, T, c, generator=g, dtype=torch.float64) for c in (c_in, c_out))
@@ -147,18 +149,12 @@ def test_steps_equal_whole_sequence(device, backend, dtype, k):
     state = x.new_zeros(B, k - 1, c_in)
     for t in range(T):
         y = glu_conv_step(x[:, t], state, w, b, r[:, t], backend=backend)
-        if dtype == torch.float64:
-            torch.testing.assert_close(y, full[:, t], rtol=1e-12, atol=1e-12, msg=lambda m, t=t: f"step {t}: {m}")
-        else:
-            assert_close_rule(f"step {t}", y, full[:, t], full64[:, t], dtype)
+        check_close(f"step {t}", y, full[:, t], full64[:, t].to(device))
     assert torch.equal(state, x[:, T - k + 1:])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_non_contiguous_inputs(device, backend, dtype):
-    need(backend, device, dtype)
+@pytest.mark.parametrize("backend,device,dtype", dtype_params(lambda b, d: [PRECISE[b]]), ids=_id)
+def test_non_contiguous_inputs(backend, device, dtype):
     B, c_in, c_out, k = 5, 12, 7, 3
     x, state, w, b, r = make_inputs(B, c_in, c_out, k, dtype=dtype, device=device)
     xs = torch.zeros(2 * B, c_in + 3, dtype=dtype, device=device)
@@ -170,26 +166,24 @@ def test_non_contiguous_inputs(device, backend, dtype):
     ws = w.transpose(1, 2).contiguous().transpose(1, 2)         # (k, C_in, 2*C_out), C_in has unit stride
     bs = torch.stack([b, b], dim=1)[:, 0]                       # stride 2
     assert not any(t.is_contiguous() for t in (xs, rs, ws, bs))
-    state_ref = state.clone()
+    state0, state_ref = state.clone(), state.clone()
     want = glu_conv_step_ref(x, state_ref, w, b, r)
     got = glu_conv_step(xs, state, ws, bs, rs, backend=backend)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    check_output("y", got, (x, state0, w, b, r))
     assert torch.equal(state, state_ref)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_autocast(backend):
+@pytest.mark.parametrize("backend,device", params(backends=("reference", "native"), devices=("cpu",)))
+def test_autocast(backend, device):
     """Under CPU autocast x, weight, bias, residual run in bf16; the state is kept in bf16 by its owner."""
-    need(backend, "cpu", torch.bfloat16)
     x, state, w, b, r = make_inputs(3, 8, 4, 3, dtype=torch.float32)
     state16 = state.to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = glu_conv_step(x, state16, w, b, r, backend=backend)
     assert y.dtype == torch.bfloat16
-    y64 = full_last_step(*cast((x, state, w, b, r), torch.float64))
-    y_lowp = full_last_step(*cast((x, state, w, b, r), torch.bfloat16))
-    assert_close_rule("y", y, y_lowp, y64, torch.bfloat16)
+    check_output("y", y, cast((x, state, w, b, r), torch.bfloat16))
     assert torch.equal(state16[:, -1], x.to(torch.bfloat16))
 
 
@@ -227,10 +221,9 @@ def _bad_cases():
     ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", params(devices=("cpu",)))
 @pytest.mark.parametrize("case", range(len(_bad_cases())), ids=[c[0] for c in _bad_cases()])
-def test_bad_inputs(backend, case):
-    need(backend, "cpu")
+def test_bad_inputs(backend, device, case):
     _, args, exc, match = _bad_cases()[case]
     state = args[1]
     before = None if state is None else state.clone()
@@ -239,11 +232,11 @@ def test_bad_inputs(backend, case):
     assert state is None or torch.equal(state, before), "a rejected call must leave the state alone"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", params(devices=("cpu",)))
 @pytest.mark.parametrize("which", ["x", "conv_state", "weight", "bias", "residual"])
-def test_requires_grad_raises_under_grad_mode(backend, which):
-    need(backend, "cpu")
-    inputs = dict(zip(("x", "conv_state", "weight", "bias", "residual"), make_inputs(2, 3, 4, 3, dtype=torch.float32)))
+def test_requires_grad_raises_under_grad_mode(backend, device, which):
+    names = ("x", "conv_state", "weight", "bias", "residual")
+    inputs = dict(zip(names, make_inputs(2, 3, 4, 3, dtype=torch.float32)))
     inputs[which].requires_grad_()
     with pytest.raises(RuntimeError, match=rf"inference op without autograd, but {which} require"):
         glu_conv_step(**inputs, backend=backend)
@@ -252,10 +245,10 @@ def test_requires_grad_raises_under_grad_mode(backend, which):
     assert not y.requires_grad
 
 
-def test_triton_refuses_float64():
-    need("triton", "cpu")
+@pytest.mark.parametrize("backend,device", params(backends=("triton",)))
+def test_triton_refuses_float64(backend, device):
     with pytest.raises(TypeError, match=r"triton backend of glu_conv_step runs .* got torch.float64"):
-        glu_conv_step(*make_inputs(2, 3, 4, 3), backend="triton")
+        glu_conv_step(*make_inputs(2, 3, 4, 3, device=device), backend=backend)
 
 
 # ---- op registration: opcheck (schema incl. the mutation of conv_state, fake), torch.compile ---------------------
@@ -267,20 +260,18 @@ def _custom_op(backend):
     return binding.glu_conv_step_op
 
 
-@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("backend,device", params(backends=("native", "triton")))
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("bias,residual", [(True, True), (False, False)])
-def test_opcheck(backend, k, bias, residual):
-    need(backend, "cpu")
-    x, state, w, b, r = make_inputs(3, 16, 8, k, bias=bias, residual=residual, dtype=torch.float32)
+def test_opcheck(backend, device, k, bias, residual):
+    x, state, w, b, r = make_inputs(3, 16, 8, k, bias=bias, residual=residual, dtype=torch.float32, device=device)
     torch.library.opcheck(_custom_op(backend), (x, state, w, b, r))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend,device", params())
+def test_torch_compile_fullgraph(backend, device):
     """Two steps in one compiled graph: outputs and the state mutation match eager stepping of the reference."""
-    need(backend, "cpu")
-    x1, state, w, b, r = make_inputs(3, 16, 8, 3, dtype=torch.float32)
+    x1, state, w, b, r = make_inputs(3, 16, 8, 3, dtype=torch.float32, device=device)
     x2 = torch.randn_like(x1)
 
     def two_steps(x1, x2, state, w, b, r):
@@ -297,6 +288,7 @@ def test_torch_compile_fullgraph(backend):
 
 # ---- bad inputs reaching the native op's C++ checks directly (the public op's Python checks bypassed) -----------
 
+@pytest.mark.needs_backend("native", "cpu")
 @pytest.mark.parametrize("case,match", [
     ("x rank", r"x must be \(B, C_in\), got shape \[2, 1, 3\]"),
     ("state shape", r"conv_state must be \(B, k-1, C_in\) = \(2, 2, 3\), got shape \[2, 3, 3\]"),
@@ -308,7 +300,6 @@ def test_torch_compile_fullgraph(backend):
     ("bias", r"bias must be \(2\*C_out,\) = \(8,\), got shape \[4\]"),
 ])
 def test_native_cpp_checks(case, match):
-    need("native", "cpu")
     x, s, w, b, r = make_inputs(2, 3, 4, 3, dtype=torch.float32)
     args = {"x rank": (torch.randn(2, 1, 3), s, w, b, r),
             "state shape": (x, torch.zeros(2, 3, 3), w, b, r),

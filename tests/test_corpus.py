@@ -411,3 +411,33 @@ def test_resume_from_the_cache_is_exact(files):
     assert full.metrics["epochs_completed"] >= 1            # the run crosses an epoch end
     for (k, v), w in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+_WORKER = """
+import os, sys
+import torch
+from convs2s.train import TrainArgs, train
+
+root = sys.argv[1]
+r = train(TrainArgs(preset="tiny", train=root + "/train", valid=root + "/valid", src_lang="xx", tgt_lang="yy",
+                    cache_dir=root + "/cache", save_dir=root + "/run", vocab_size=70, max_tokens=300, max_updates=4,
+                    log_interval=1, val_bleu_sentences=2, progress=False, num_threads=1))
+torch.save(r.model.state_dict(), f"{root}/rank{os.environ['RANK']}.pt")
+"""
+
+
+def test_torchrun_two_processes_share_one_tokenizer_and_cache(files):
+    import os
+    import subprocess
+    import sys
+    root = files
+    (root / "worker.py").write_text(_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(root / "worker.py"), str(root)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s0 = torch.load(root / "rank0.pt", weights_only=True)
+    s1 = torch.load(root / "rank1.pt", weights_only=True)
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert len(list((root / "cache").glob("tokenizer-*"))) == 1
+    assert len(list((root / "cache").glob("corpus-*"))) == 2                 # train and valid, built once

@@ -333,7 +333,6 @@ def test_cli_trains_on_own_files_with_overrides_then_translates_and_evaluates(fi
     ("missing", r"validation set \(--valid\) has no yy side"),
 ])
 def test_cli_bad_inputs_stop_before_any_training(files, problem, message, capsys):
-    from convs2s.cli import main
     root = files
     if problem == "mismatch":
         write(root / "train.yy.gz", [f"zeile {i}" for i in range(119)])

@@ -12,6 +12,8 @@ and of its own children, i.e. the encoding pool's largest worker):
              seconds from the process start to the end of the first update, peak RSS
   startup    the same second run's phases: imports, opening the cache, filtering, the epoch's batches, the model,
              the first forward + backward
+  replicated the second run's data side at --replicate-pairs (default 4.5 M, WMT'14 En-De's size): the encoded
+             corpus repeated into a cache of that size, opened, filtered, batched (time, peak RSS)
   lists      today's in-memory way at --list-pairs: lines read into Python lists, encoded to lists of lists
              (data.PairDataset), batches built: peak RSS over the same process's baseline, vs the cache's
 """
@@ -150,6 +152,52 @@ def step_startup(a) -> dict:
             "pairs": len(c.train), **_rss_mb()}
 
 
+def step_replicated(a) -> dict:
+    """The data side of a second run at --replicate-pairs (e.g. WMT'14's 4.5 M) without encoding that many: the
+    encoded corpus repeated into a cache folder of that size, then opened, filtered and batched."""
+    import json as _json
+
+    import numpy as np
+
+    from convs2s import corpus as C
+    from convs2s import data as D
+    import convs2s.train  # noqa: F401  (what a training process imports: the RSS baseline)
+    rss_imports = _rss_mb()["peak_rss_mb"]
+    pair, _ = _files(Path(a.work))
+    tok = C.train_tokenizer(pair, Path(a.work) / "cache", vocab_size=a.vocab_size, sample=a.spm_sample)
+    base = C.encode_pair(pair, tok, Path(a.work) / "cache")
+    folder = Path(a.work) / f"replicated-{a.replicate_pairs}"
+    if not (folder / "meta.json").is_file():
+        folder.mkdir(exist_ok=True)
+        meta = _json.loads((base.folder / "meta.json").read_text())
+        n = len(base)
+        for side, s in (("src", base._src), ("tgt", base._tgt)):
+            lengths = np.resize(s.lengths, a.replicate_pairs)
+            offsets = np.zeros(a.replicate_pairs + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            with open(folder / f"{side}.ids", "wb") as f:
+                for start in range(0, a.replicate_pairs, n):
+                    end = min(start + n, a.replicate_pairs) - start
+                    f.write(np.asarray(s.ids[:int(s.offsets[end])]).tobytes())
+            np.save(folder / f"{side}.offsets.npy", offsets)
+            meta[side].update(sentences=a.replicate_pairs, tokens=int(offsets[-1]))
+        (folder / "meta.json").write_text(_json.dumps(meta))
+    t0 = time.time()
+    ds = C.CorpusDataset.open(folder)
+    t_open = time.time() - t0
+    t0 = time.time()
+    ds.filter(1024, 1024)
+    t_filter = time.time() - t0
+    t0 = time.time()
+    sampler = D.TokenBatchSampler(ds.src_sizes, ds.tgt_sizes, 4000)
+    first = next(iter(sampler))
+    t_batches = time.time() - t0
+    ds.collate(first)
+    return {"pairs": len(ds), "open_s": round(t_open, 3), "filter_s": round(t_filter, 3),
+            "epoch_batches_s": round(t_batches, 2), "data_side_s": round(t_open + t_filter + t_batches, 2),
+            "batches_per_epoch": len(sampler), "peak_rss_after_imports_mb": rss_imports, **_rss_mb()}
+
+
 def step_lists(a) -> dict:
     import itertools
 
@@ -187,14 +235,15 @@ def step_lists(a) -> dict:
 
 
 STEPS = {"check": step_check, "tokenizer": step_tokenizer, "encode": step_encode, "train": step_train,
-         "startup": step_startup, "lists": step_lists}
+         "startup": step_startup, "replicated": step_replicated, "lists": step_lists}
 
 
 # ----------------------------------------------------------------------------------------------- driver
 
 def _child(step: str, a) -> dict:
     cmd = [sys.executable, __file__, "--step", step, "--work", a.work, "--vocab-size", str(a.vocab_size),
-           "--spm-sample", str(a.spm_sample), "--list-pairs", str(a.list_pairs)]
+           "--spm-sample", str(a.spm_sample), "--list-pairs", str(a.list_pairs),
+           "--replicate-pairs", str(a.replicate_pairs)]
     load = os.getloadavg()[0]
     t0 = time.time()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -217,7 +266,8 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--spm-sample", type=int, default=1_000_000)
     p.add_argument("--list-pairs", type=int, default=200_000)
-    p.add_argument("--steps", default="check,tokenizer,encode,train,startup,lists")
+    p.add_argument("--replicate-pairs", type=int, default=4_500_000, help="size of the 'replicated' step")
+    p.add_argument("--steps", default="check,tokenizer,encode,train,startup,replicated,lists")
     p.add_argument("--out", default=None, help="JSON results file")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -159,9 +159,9 @@ def step_replicated(a) -> dict:
 
     import numpy as np
 
+    import convs2s.train  # noqa: F401  (what a training process imports: the RSS baseline)
     from convs2s import corpus as C
     from convs2s import data as D
-    import convs2s.train  # noqa: F401  (what a training process imports: the RSS baseline)
     rss_imports = _rss_mb()["peak_rss_mb"]
     pair, _ = _files(Path(a.work))
     tok = C.train_tokenizer(pair, Path(a.work) / "cache", vocab_size=a.vocab_size, sample=a.spm_sample)

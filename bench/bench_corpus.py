@@ -155,8 +155,6 @@ def step_startup(a) -> dict:
 def step_replicated(a) -> dict:
     """The data side of a second run at --replicate-pairs (e.g. WMT'14's 4.5 M) without encoding that many: the
     encoded corpus repeated into a cache folder of that size, then opened, filtered and batched."""
-    import json as _json
-
     import numpy as np
 
     import convs2s.train  # noqa: F401  (what a training process imports: the RSS baseline)
@@ -169,7 +167,7 @@ def step_replicated(a) -> dict:
     folder = Path(a.work) / f"replicated-{a.replicate_pairs}"
     if not (folder / "meta.json").is_file():
         folder.mkdir(exist_ok=True)
-        meta = _json.loads((base.folder / "meta.json").read_text())
+        meta = json.loads((base.folder / "meta.json").read_text())
         n = len(base)
         for side, s in (("src", base._src), ("tgt", base._tgt)):
             lengths = np.resize(s.lengths, a.replicate_pairs)
@@ -181,7 +179,7 @@ def step_replicated(a) -> dict:
                     f.write(np.asarray(s.ids[:int(s.offsets[end])]).tobytes())
             np.save(folder / f"{side}.offsets.npy", offsets)
             meta[side].update(sentences=a.replicate_pairs, tokens=int(offsets[-1]))
-        (folder / "meta.json").write_text(_json.dumps(meta))
+        (folder / "meta.json").write_text(json.dumps(meta))
     t0 = time.time()
     ds = C.CorpusDataset.open(folder)
     t_open = time.time() - t0

@@ -190,6 +190,18 @@ def test_autocast(backend, device):
     assert torch.equal(state16[:, -1], x.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("backend,device", params(backends=("reference", "native"), devices=("cpu",)))
+def test_autocast_leaves_float64_alone(backend, device):
+    """As glu_conv (and torch's autocast): an fp64 model under autocast keeps computing in fp64."""
+    x, state, w, b, r = make_inputs(3, 8, 4, 3)
+    state_ref = state.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = glu_conv_step(x, state, w, b, r, backend=backend)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, glu_conv_step_ref(x, state_ref, w, b, r), rtol=1e-12, atol=1e-12)
+    assert torch.equal(state, state_ref)
+
+
 # ---- bad inputs ----------------------------------------------------------------------------------------------
 
 def _bad_cases():

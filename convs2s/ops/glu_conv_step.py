@@ -25,8 +25,11 @@ _DOC = """
     g = h[:, :C_out] * sigmoid(h[:, C_out:])
     returns (g + residual) * sqrt(0.5) if residual is given, else g          (B, C_out)
 
-    Equal to the last time step of glu_conv(..., causal=True) over the whole prefix. An inference op: no autograd.
-    x, conv_state, weight, bias, residual share one dtype and device; conv_state must be contiguous.
+    Equal to the last time step of glu_conv(..., causal=True) over the whole prefix. An inference op: no autograd
+    (an input requiring grad under grad mode is refused). x, conv_state, weight, bias, residual share one dtype and
+    device; conv_state must be contiguous. B = 0 gives an empty (0, C_out) result; C_in and C_out must be >= 1.
+    Under autocast x, weight, bias, residual are cast as glu_conv casts them; conv_state is not (it is written in
+    place), so its owner keeps it in the autocast dtype.
 """
 
 
@@ -108,8 +111,6 @@ def _glu_conv_step_reference(x, conv_state, weight, bias, residual):
 def glu_conv_step(x: torch.Tensor, conv_state: torch.Tensor | None, weight: torch.Tensor,
                   bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, *,
                   backend: str = "auto") -> torch.Tensor:
-    # Under autocast x, weight, bias and residual are cast as glu_conv casts them; conv_state is written in place,
-    # so it is not cast: a decoder under autocast keeps its state in the autocast dtype.
     x, weight, bias, residual = autocast_inputs(x, weight, bias, residual)
     conv_state = _validate(x, conv_state, weight, bias, residual)
     _check_no_grad(x=x, conv_state=conv_state, weight=weight, bias=bias, residual=residual)

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The one script for a lent GPU machine: build, GPU tests (bf16, every backend), compute-sanitizer on the CUDA
-# kernels, the benchmark suite, and a short Multi30k training run — in one command that fits the device budget.
+# The one script for a lent GPU machine: build, the GPU tests (never-run paths first), compute-sanitizer on the
+# native CUDA kernels, the benchmark suite, and a short Multi30k training run, split into two calls that each fit
+# the device tool's per-call limit.
 #
-#   bash bench/device_check.sh OUT_DIR [--dry-run] [--budget SECONDS] [--skip STEP ...]
+#   bash bench/device_check.sh OUT_DIR [--dry-run] [--budget SECONDS] [--call 1|2] [--skip STEP ...] [--print-plan]
 #
-# Steps (in this order, each capped in time; a step that no longer fits in --budget is skipped and says so):
-#   env, build, bench_ops, tests, sanitizer, bench_model, train
-# (the op benchmarks come before the tests because they are what a short budget is spent for, and each of their
-# rows carries max_abs_diff_vs_eager, a correctness check of its own)
+# Steps, in this order, each capped in time (a step that no longer fits in --budget is skipped and says so):
+#   env, build, tests, sanitizer, bench_ops, bench_model, train
+# --call 1  build + tests (+ sanitizer): the never-run paths first, autotuning off (CONVS2S_TRITON_AUTOTUNE=0);
+#           the tests are grouped by (op, backend), and after the step the GPU_VALIDATED entries of the groups that
+#           passed are printed (OUT_DIR/gpu_record.txt), to commit into convs2s/ops/_backend.py.
+# --call 2  benchmarks (autotuning on) + a 2-minute training run; build is skipped when the extension is already
+#           built with CUDA (a warm machine keeps call 1's build; a fresh one rebuilds).
+# Each call's step caps add up to at most 470 s (--print-plan lists them), under the tool's 480 s.
 # Every step writes <step>.log into a work folder, and after each step everything is packed into
 # OUT_DIR/device_check.tar.gz (so a run killed at its limit still returns what it finished); OUT_DIR/summary.txt
 # is the table printed last. --dry-run runs the same steps on this machine's CPU with tiny shapes (CI checks the
@@ -15,26 +20,48 @@
 #
 # On the GPU machine: python3 is the interpreter with torch; there is no network (pip --no-deps); Multi30k must be
 # inside the working tree (copy ../shared/data/multi30k to data/multi30k, git-ignored, and carry it). The machine's
-# copy of the tree cannot resolve git HEAD, so name the commit in the command, e.g. (device tool, carry ["data"]):
-#   CONVS2S_COMMIT=<git rev-parse HEAD here> bash bench/device_check.sh $OUT --budget 480
-# The session's whole device budget is 15 minutes including a 1-2 minute start: one such call, then give_back.
+# copy of the tree cannot resolve git HEAD, so name the commit in the command (device tool, carry ["data"]):
+#   CONVS2S_COMMIT=<git rev-parse HEAD here> bash bench/device_check.sh $OUT --call 1 --budget 470
+#   CONVS2S_COMMIT=<...> bash bench/device_check.sh $OUT --call 2 --budget 470
 set -uo pipefail
 
-usage() { sed -n '2,19p' "$0"; exit 2; }
+usage() { sed -n '2,27p' "$0"; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
-DRY=0; BUDGET=540; SKIP=" "
+DRY=0; BUDGET=470; SKIP=" "; PLAN=0
 while [ $# -gt 0 ]; do
   case $1 in
     --dry-run) DRY=1 ;;
     --budget) [ $# -ge 2 ] || usage; BUDGET=$2; shift ;;
     --skip) [ $# -ge 2 ] || usage; SKIP="$SKIP$2 "; shift ;;
+    --call) [ $# -ge 2 ] || usage
+            case $2 in
+              1) SKIP="$SKIP""bench_ops bench_model train " ;;
+              2) SKIP="$SKIP""tests sanitizer " ;;
+              *) echo "device_check: --call takes 1 or 2" >&2; exit 2 ;;
+            esac
+            shift ;;
+    --print-plan) PLAN=1 ;;
     -h|--help) usage ;;
     *) echo "device_check: unknown argument $1" >&2; usage ;;
   esac
   shift
 done
 case $BUDGET in ''|*[!0-9]*) echo "device_check: --budget must be a number of seconds" >&2; exit 2 ;; esac
+
+# Step caps (seconds). Call 1: env + build + tests + sanitizer = 470; call 2: env + build (seconds when call 1's
+# build is still there) + bench_ops + bench_model + train = 470 with a fresh build's 220 replaced by 20.
+STEPS="env build tests sanitizer bench_ops bench_model train"
+declare -A CAP=([env]=20 [build]=220 [tests]=190 [sanitizer]=40 [bench_ops]=140 [bench_model]=130 [train]=150)
+if [ $PLAN = 1 ]; then
+  total=0
+  for name in $STEPS; do
+    [[ "$SKIP" == *" $name "* ]] && continue
+    echo "$name ${CAP[$name]}"; total=$(( total + ${CAP[$name]} ))
+  done
+  echo "total $total"
+  exit 0
+fi
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -50,7 +77,7 @@ fi
 export PYTHONUNBUFFERED=1
 DATA=${CONVS2S_DATA:-$ROOT/data/multi30k}
 GPU_TESTS=${GPU_TESTS:-}
-FAIRSEQ_CAP=${FAIRSEQ_CAP:-120}   # seconds for bench_fairseq inside bench_model
+FAIRSEQ_CAP=${FAIRSEQ_CAP:-45}    # seconds for bench_fairseq inside bench_model
 SUMMARY=$W/summary.txt
 printf '%-12s %-8s %6s  %s\n' step status secs note > "$SUMMARY"
 
@@ -89,7 +116,9 @@ env_info() {
 }
 
 build() {
-  if [ $DRY = 1 ]; then
+  if [ $DRY = 0 ] && "$PY" -c "import convs2s._C as c, sys; sys.exit(0 if c.has_cuda() else 1)" 2>/dev/null; then
+    echo "the extension is already built with CUDA kernels (call 1's build on this machine): not rebuilt"
+  elif [ $DRY = 1 ]; then
     MAX_JOBS=2 "$PY" -m pip install -q -e . --no-build-isolation
   else
     MAX_JOBS=16 CONVS2S_CUDA_ARCHS=${CONVS2S_CUDA_ARCHS:-9.0} "$PY" -m pip install -e . --no-build-isolation --no-deps
@@ -97,17 +126,49 @@ build() {
   "$PY" -c "import convs2s.ops as o; print(o.available_backends('$DEVICE'))"
 }
 
-gpu_tests() {
+# The first of the given test files that exists (the tests move into tests/ops/ op by op).
+first_file() { for f in "$@"; do [ -f "$f" ] && { echo "$f"; return; }; done; echo "$1"; }
+
+# test_group OP BACKEND PART FILE KEXPR: one part of one (op, backend)'s whole test suite (CPU cases included),
+# logged to tests-OP-BACKEND-PART.log; one line per part in test_groups.txt for bench/gpu_record.py, spread over 8
+# workers. The dry run only lists the part (bench/gpu_record.py --collect then collects every part in one process:
+# the selections must exist).
+test_group() {
+  local op=$1 backend=$2 part=$3 file=$4 kexpr=$5 rc
+  local log="$W/tests-$op-$backend-$part.log"
   if [ $DRY = 1 ]; then
-    "$PY" -m pytest -q -x -p no:cacheprovider tests/test_dispatch.py tests/test_glu_conv.py
-  else
-    # The files with CUDA cases (bf16 included) first; the CPU-only rest is CI's. xdist spreads the Triton JIT
-    # compiles over the 16 cores. GPU_TESTS overrides the selection.
-    "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 300 -rfE ${GPU_TESTS:-tests/test_glu_conv_triton.py \
-        tests/test_conv_attention_triton.py tests/test_glu_conv_native.py tests/test_conv_attention_native.py \
-        tests/test_generate.py tests/test_model.py \
-        tests/test_bench_fairseq.py::test_bench_on_cuda_every_backend_and_dtype}
+    printf '%s\t%s\t%s\t%s\t%s\n' "$op" "$backend" "$part" "$file" "$kexpr" >> "$W/test_parts.tsv"
+    return
   fi
+  "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 300 -rfE "$file" -k "$kexpr" > "$log" 2>&1
+  rc=$?
+  echo "$op $backend $part $rc $file -k '$kexpr' :: $(tail -n 1 "$log")" | tee -a "$W/test_groups.txt"
+}
+
+# Never-run paths first: the native CUDA kernels of both ops, Triton attention in fp32 and every config; then the
+# rest of each (op, backend) suite. Autotuning off: each Triton kernel compiles its first config once per variant.
+gpu_tests() {
+  local ca gc gs
+  ca=$(first_file tests/ops/test_conv_attention.py)
+  gc=$(first_file tests/ops/test_glu_conv.py tests/test_glu_conv.py)
+  gs=$(first_file tests/ops/test_glu_conv_step.py tests/test_glu_conv_step.py)
+  : > "$W/test_groups.txt"; : > "$W/test_parts.tsv"
+  if [ -n "$GPU_TESTS" ]; then
+    "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 300 -rfE $GPU_TESTS
+    return
+  fi
+  export CONVS2S_TRITON_AUTOTUNE=0
+  test_group conv_attention native all "$ca" "native"
+  test_group glu_conv native all "$gc" "native"
+  test_group conv_attention triton first "$ca" "triton and (float32 or every_config)"
+  test_group conv_attention triton rest "$ca" "triton and not (float32 or every_config)"
+  test_group glu_conv triton all "$gc" "triton"
+  test_group glu_conv_step native all "$gs" "native"
+  test_group glu_conv_step triton all "$gs" "triton"
+  [ $DRY = 1 ] && "$PY" -m bench.gpu_record --collect "$W/test_parts.tsv" > "$W/test_groups.txt"
+  "$PY" -m bench.gpu_record "$W/test_groups.txt" --device $DEVICE | tee "$W/gpu_record.txt"
+  cp "$W/gpu_record.txt" "$OUT/gpu_record.txt"
+  awk '$4 != 0 {bad = 1} END {exit bad}' "$W/test_groups.txt"   # every part green
 }
 
 sanitizer() {
@@ -121,11 +182,11 @@ sanitizer() {
 
 # Model level: the training step against eager (torch.compile of the whole model costs minutes of compile
 # here, so the suite's compile column is left to `make bench`), then generation, then a converted fairseq
-# fconv_wmt_en_de (210 M parameters) generating with beam 5 per backend and dtype: 200 sentences, 2 timed passes
+# fconv_wmt_en_de (210 M parameters) generating with beam 5 per backend and dtype: 64 sentences, 2 timed passes
 # each (its default is 500 x 3), under a limit of its own so that it cannot eat the training run's time; it
 # rewrites its JSON after every row, so a run stopped at the limit keeps the rows it finished.
 bench_model() {
-  local rc=0 r size="--sentences 200 --repeats 2"
+  local rc=0 r size="--sentences 64 --repeats 2"
   [ $DRY = 1 ] && size=--quick
   mkdir -p "$W/bench_model"
   "$PY" -m bench.bench_train --device $DEVICE $QUICK --presets multi30k --impls eager triton native \
@@ -142,7 +203,7 @@ bench_model() {
 
 train_run() {
   if [ ! -f "$DATA/train.de.gz" ]; then echo "no Multi30k at $DATA: skipped"; return 3; fi
-  local minutes=${TRAIN_MINUTES:-3} preset=multi30k
+  local minutes=${TRAIN_MINUTES:-2} preset=multi30k
   [ $DRY = 1 ] && { minutes=0.2; preset=tiny; }
   "$PY" -m convs2s train --preset $preset --data "$DATA" --device $DEVICE --max-minutes "$minutes" \
       --save-dir "$W/ckpt" --metrics-json "$W/train_metrics.json"
@@ -150,14 +211,17 @@ train_run() {
 
 # The steps run under `timeout bash -c`, which sees exported functions and variables only.
 export -f env_info build gpu_tests sanitizer bench_model train_run
-export DRY PY DEVICE DATA W ROOT QUICK GPU_TESTS FAIRSEQ_CAP
-step env 30 env_info
-step build 200 build
-step bench_ops 170 "$PY" -m bench.run --device $DEVICE $QUICK --only glu_conv conv_attention --out "$W/bench"
-step tests 150 gpu_tests
-step sanitizer 90 sanitizer
-step bench_model 270 bench_model
-step train 400 train_run
+export -f first_file test_group
+export DRY PY DEVICE DATA W ROOT OUT QUICK GPU_TESTS FAIRSEQ_CAP
+step env "${CAP[env]}" env_info
+step build "${CAP[build]}" build
+step tests "${CAP[tests]}" gpu_tests
+step sanitizer "${CAP[sanitizer]}" sanitizer
+# Benchmarks autotune (CONVS2S_TRITON_AUTOTUNE unset).
+step bench_ops "${CAP[bench_ops]}" env -u CONVS2S_TRITON_AUTOTUNE \
+    "$PY" -m bench.run --device $DEVICE $QUICK --only glu_conv conv_attention --out "$W/bench"
+step bench_model "${CAP[bench_model]}" bench_model
+step train "${CAP[train]}" train_run
 for f in "$W"/bench/*.json "$W"/bench_model/*.json "$W"/train_metrics.json; do
   [ -f "$f" ] && echo "$f" | sed "s|$W/||"
 done > "$W/json_files.txt"

@@ -144,11 +144,19 @@ def _dot_rows_cols(a_ptr, b_ptr, offs_a, offs_b, a_valid, b_valid, E,
 
 
 @triton.jit
-def _prob(s, lse, QK_SCALE: tl.constexpr):
-    """p = exp2(s * QK_SCALE - lse) from unscaled scores s (fp32) and lse (fp64, broadcast to s's shape). The
-    difference is taken in fp64: an fp32 lse (m + log2 l, up to ~20) would carry its own ulp, ~1e-6, into every
-    p of the row, which made the fp32 gradients' mean error twice the PyTorch reference's."""
-    return tl.math.exp2(((s * QK_SCALE).to(tl.float64) - lse).to(tl.float32))
+def _lse_split(lse):
+    """(hi, lo) fp32 with hi + lo = lse (fp64, (rows,)) to ~fp64 precision: see _prob."""
+    hi = lse.to(tl.float32)
+    return hi, (lse - hi.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def _prob(s, lse_hi, lse_lo, QK_SCALE: tl.constexpr):
+    """p = exp2(s * QK_SCALE - lse) from unscaled fp32 scores s and lse = lse_hi + lse_lo (_lse_split, broadcast
+    to s's shape). lse = m + log2(l) reaches ~20, and an fp32 lse would carry its own ulp (~1e-6) into every p of
+    the row, which made the fp32 gradients' mean error twice the PyTorch reference's; s * QK_SCALE - lse_hi is
+    exact where p matters (Sterbenz), so only fp32 tiles are needed (an fp64 tile spilled the dK/dV kernel)."""
+    return tl.math.exp2((s * QK_SCALE - lse_hi) - lse_lo)
 
 
 @triton.jit
@@ -235,6 +243,7 @@ def _fwd_kernel(
     tl.store(ctx_ptr + pid_b * stride_cb + offs_m[:, None] * stride_cm + offs_eo[None, :] * stride_ce,
              ctx.to(ctx_ptr.dtype.element_ty), mask=m_valid[:, None] & eo_valid[None, :])
     lse = m_i.to(tl.float64) + tl.math.log2(l_i.to(tl.float64))
+    lse_hi, lse_lo = _lse_split(lse)
     tl.store(lse_ptr + pid_b * T_TGT + offs_m, lse, mask=m_valid & (pid_e == 0))
     tl.store(rs_ptr + pid_b, root_s, mask=(pid_m == 0) & (pid_e == 0))
 
@@ -247,7 +256,7 @@ def _fwd_kernel(
                 s = _dot_rows_cols(q_ptr, k_ptr, offs_m, offs_n, m_valid, offs_n < T_SRC, E,
                                    stride_qm, stride_qe, stride_kn, stride_ke,
                                    BLOCK_M, BLOCK_N, BLOCK_EK, DOT_PRECISION, DOT_FP32)
-                p = tl.where(valid[None, :], _prob(s, lse[:, None], QK_SCALE), 0.0)
+                p = tl.where(valid[None, :], _prob(s, lse_hi[:, None], lse_lo[:, None], QK_SCALE), 0.0)
                 tl.store(attn_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an,
                          p.to(attn_ptr.dtype.element_ty), mask=m_valid[:, None] & (offs_n < T_SRC)[None, :])
 
@@ -293,7 +302,7 @@ def _bwd_dq_kernel(
     offs_eo = pid_e * BLOCK_EO + tl.arange(0, BLOCK_EO)
     eo_valid = offs_eo < E
     root_s = tl.load(rs_ptr + pid_b)
-    lse = tl.load(lse_ptr + pid_b * T_TGT + offs_m, mask=m_valid, other=0.0)
+    lse_hi, lse_lo = _lse_split(tl.load(lse_ptr + pid_b * T_TGT + offs_m, mask=m_valid, other=0.0))
 
     delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for e0 in range(0, E, BLOCK_EK):
@@ -316,7 +325,7 @@ def _bwd_dq_kernel(
         s = _dot_rows_cols(q_ptr, k_ptr, offs_m, offs_n, m_valid, n_in, E,
                            stride_qm, stride_qe, stride_kn, stride_ke, BLOCK_M, BLOCK_N, BLOCK_EK,
                            DOT_PRECISION, DOT_FP32)
-        p = tl.where(live, _prob(s, lse[:, None], QK_SCALE), 0.0)
+        p = tl.where(live, _prob(s, lse_hi[:, None], lse_lo[:, None], QK_SCALE), 0.0)
         dp = _dot_rows_cols(do_ptr, v_ptr, offs_m, offs_n, m_valid, n_in, E,
                             stride_qm, stride_qe, stride_vn, stride_ve, BLOCK_M, BLOCK_N, BLOCK_EK,
                             DOT_PRECISION, DOT_FP32)
@@ -378,12 +387,12 @@ def _bwd_dkdv_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_valid = offs_m < T_TGT
         live = valid[:, None] & m_valid[None, :]
-        lse = tl.load(lse_ptr + pid_b * T_TGT + offs_m, mask=m_valid, other=0.0)
+        lse_hi, lse_lo = _lse_split(tl.load(lse_ptr + pid_b * T_TGT + offs_m, mask=m_valid, other=0.0))
         delta = tl.load(delta_ptr + pid_b * T_TGT + offs_m, mask=m_valid, other=0.0)
         st = _dot_rows_cols(k_ptr, q_ptr, offs_n, offs_m, n_in, m_valid, E,
                             stride_kn, stride_ke, stride_qm, stride_qe, BLOCK_N, BLOCK_M, BLOCK_EK,
                             DOT_PRECISION, DOT_FP32)
-        pt = tl.where(live, _prob(st, lse[None, :], QK_SCALE), 0.0)          # (BLOCK_N, BLOCK_M)
+        pt = tl.where(live, _prob(st, lse_hi[None, :], lse_lo[None, :], QK_SCALE), 0.0)  # (BLOCK_N, BLOCK_M)
         do = tl.load(do_ptr + offs_m[:, None] * stride_qm + offs_eo[None, :] * stride_qe,
                      mask=m_valid[:, None] & eo_valid[None, :], other=0.0)
         dv = _mma(pt.to(do.dtype), do, dv, DOT_PRECISION, DOT_FP32)
@@ -466,9 +475,10 @@ def _bwd_ds_kernel(
         delta += tl.load(dextra_ptr + pid_b * T_TGT + offs_m, mask=m_valid, other=0.0)
 
     root_s = tl.load(rs_ptr + pid_b)
-    lse = tl.load(lse_ptr + pid_b * T_TGT + offs_m, mask=m_valid, other=0.0)
+    lse_hi, lse_lo = _lse_split(tl.load(lse_ptr + pid_b * T_TGT + offs_m, mask=m_valid, other=0.0))
     valid = _source_valid(mask_ptr, offs_n, T_SRC, stride_maskn, HAS_MASK)
-    p = tl.where(m_valid[:, None] & valid[None, :], _prob(s, lse[:, None], QK_SCALE), 0.0)
+    p = tl.where(m_valid[:, None] & valid[None, :], _prob(s, lse_hi[:, None], lse_lo[:, None], QK_SCALE),
+                 0.0)
     dp = dp * root_s
     tile = offs_m[:, None] * stride_dam + offs_n[None, :] * stride_dan
     tmask = m_valid[:, None] & n_in[None, :]

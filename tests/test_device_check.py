@@ -82,3 +82,77 @@ def test_bench_fairseq_has_its_own_time_limit(tmp_path):
     assert "stopped at its 1 s limit" in r.stdout
     line = next(line for line in (out / "summary.txt").read_text().splitlines() if line.startswith("bench_model"))
     assert line.split()[1] == "timeout" and int(line.split()[2]) < 8, line
+
+
+# ---- the two-call plan and the test step's GPU record ---------------------------------------------------------------
+
+def _plan(*args):
+    r = run("unused-out", *args, "--print-plan")
+    assert r.returncode == 0, r.stdout + r.stderr
+    caps = dict(line.split() for line in r.stdout.strip().splitlines())
+    return {k: int(v) for k, v in caps.items()}
+
+
+def test_two_call_plan_fits_the_tool_limit():
+    """Call 1 (build + tests + sanitizer) and call 2 (benchmarks + training; build is a check of seconds on the
+    warm machine call 1 built) each fit 470 s, under the device tool's 480 s per call."""
+    one, two = _plan("--call", "1"), _plan("--call", "2")
+    assert list(one) == ["env", "build", "tests", "sanitizer", "total"]
+    assert list(two) == ["env", "build", "bench_ops", "bench_model", "train", "total"]
+    assert one["total"] <= 470 and one["tests"] >= 150 and one["build"] >= 200
+    assert two["total"] - two["build"] + 20 <= 470 and two["train"] >= 120 + 20    # 2 minutes of training
+    assert _plan()["total"] == one["total"] + two["total"] - one["env"] - one["build"]   # every step in one call or
+                                                                                          # the other
+
+
+def _stub_env(tmp_path):
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/usr/bin/env bash\necho "AUTOTUNE=${{CONVS2S_TRITON_AUTOTUNE:-unset}} $*" >> {calls}\n')
+    stub.chmod(0o755)
+    return {**os.environ, "PY": str(stub)}, calls
+
+
+def test_test_step_runs_never_run_paths_first_with_autotuning_off(tmp_path):
+    """The GPU test step (not a dry run; a stub interpreter): native CUDA suites of both ops first, then Triton
+    attention fp32 and every config, then the rest, each part its own pytest run with autotuning off, then
+    bench/gpu_record.py on the parts' results. The benchmarks (call 2) run with autotuning on."""
+    env, calls = _stub_env(tmp_path)
+    skip = ["--skip", "env", "--skip", "build", "--skip", "sanitizer"]
+    r = subprocess.run(["bash", SCRIPT, str(tmp_path / "out"), "--call", "1", *skip], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = calls.read_text().splitlines()
+    pytest_runs = [line for line in lines if "-m pytest" in line]
+    assert all(line.startswith("AUTOTUNE=0 ") for line in pytest_runs), pytest_runs
+    selections = [line.split(" -k ", 1)[1] for line in pytest_runs]
+    assert selections[:4] == ["native", "native", "triton and (float32 or every_config)",
+                              "triton and not (float32 or every_config)"], selections
+    assert "tests/ops/test_conv_attention.py" in pytest_runs[0] and "test_glu_conv.py" in pytest_runs[1]
+    assert "-m bench.gpu_record" in lines[-1]
+    calls.unlink()
+    skip = ["--skip", "env", "--skip", "build", "--skip", "bench_model", "--skip", "train"]
+    r = subprocess.run(["bash", SCRIPT, str(tmp_path / "out2"), "--call", "2", *skip], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT, env={**env, "CONVS2S_TRITON_AUTOTUNE": "0"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    (bench,) = calls.read_text().splitlines()
+    assert bench.startswith("AUTOTUNE=unset -m bench.run --device cuda"), bench
+
+
+def test_gpu_record_prints_only_green_suites(tmp_path):
+    from bench import gpu_record
+    groups = tmp_path / "groups.txt"
+    groups.write_text(
+        "conv_attention native all 0 f.py -k 'native' :: 140 passed, 9 skipped in 80.0s\n"
+        "conv_attention triton first 0 f.py -k 'a' :: 50 passed in 30.0s\n"
+        "conv_attention triton rest 1 f.py -k 'b' :: 1 failed, 148 passed in 90.0s\n"
+        "glu_conv native all 5 g.py -k 'native' :: no tests ran in 1.0s\n")
+    parsed = gpu_record.parse(groups.read_text().splitlines())
+    lines = gpu_record.entries(parsed, "sm_90", "NVIDIA H200", "torch x", "abc1234", "2026-12-02")
+    text = "\n".join(lines)
+    assert "('conv_attention', 'native')" in text and "140 passed" in text and "'arch': 'sm_90'" in text
+    assert "triton" not in text and "glu_conv" not in text
+    ns = {}
+    exec("GPU_VALIDATED = {\n" + text + "\n}", ns)       # the printed lines are the Python to paste
+    (entry,) = ns["GPU_VALIDATED"][("conv_attention", "native")]
+    assert entry["commit"] == "abc1234" and set(entry) == {"arch", "gpu", "commit", "date", "versions", "tests"}

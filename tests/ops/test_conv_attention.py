@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from convs2s.ops import conv_attention, conv_attention_ref
@@ -579,6 +579,9 @@ def shapes(draw):
         lo = draw(st.integers(0, Ts - n))
         spans.append((lo, lo + n))
     use_mask = draw(st.booleans())
+    # At least one sentence with two real source tokens: with one token everywhere the reference's softmax
+    # gradient is exactly zero (Triton's is a rounding residue: see _TS1_TRITON, test_matches_reference's Ts_1).
+    assume(max(hi - lo for lo, hi in spans) >= 2 if use_mask else Ts >= 2)
     return B, Tt, Ts, C, E, (spans if use_mask else None), draw(st.booleans()), draw(st.sampled_from(STRATEGIES))
 
 
@@ -615,7 +618,7 @@ def _every_config_params():
 def test_every_config(backend, device, kernel, index, strategy, monkeypatch):
     """One GPU autotune config of one kernel forced (the tuner then runs it without timing), on a shape with
     ragged tiles: Tt = 33 and Ts = 20 against 32- and 64-wide tiles, E = 70 against 64-, 128- and 256-wide
-    E-chunks. In the interpreter (fp32: its tl.dot runs on BLAS there) and on CUDA (bf16)."""
+    E-chunks. bf16, the training dtype (through fp32-upcast dots in the interpreter)."""
     from convs2s.kernels import conv_attention as k
     configs = dict((n, c) for n, c, _ in KERNELS)
     cfg = getattr(k, configs[kernel])[index]
@@ -625,8 +628,7 @@ def test_every_config(backend, device, kernel, index, strategy, monkeypatch):
     tuner.cache.clear()
     try:
         t, mask = make_inputs(2, 33, 20, 8, 70), mask_from(20, [(0, 20), (3, 17)])
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        check_against_reference(backend, t, mask, dtype, device, need_weights=True, attn_in_loss=True)
+        check_against_reference(backend, t, mask, torch.bfloat16, device, need_weights=True, attn_in_loss=True)
     finally:
         tuner.cache.clear()
 

@@ -55,7 +55,7 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here (the message says why)."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
@@ -72,7 +72,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _native_module():
     """The compiled extension, or the error string saying why it is missing."""
     try:

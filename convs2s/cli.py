@@ -126,8 +126,9 @@ def _add_train(sub) -> None:
                    help="validation sentences decoded for BLEU each epoch (-1 = all, 0 = no BLEU)")
     p.add_argument("--log-interval", type=int, default=d.log_interval, help="updates between JSONL records")
     p.add_argument("--save-interval-updates", type=int, default=0, help="also save last.pt every N updates")
-    p.add_argument("--keep-interval-checkpoints", action="store_true",
-                   help="also keep checkpoint_<update>.pt every --save-interval-updates (for convs2s average)")
+    p.add_argument("--keep-interval-checkpoints", type=_at_least(-1), default=0, metavar="N",
+                   help="also write checkpoint_<update>.pt every --save-interval-updates and keep the newest N "
+                   "(for convs2s average; 0 = none, -1 = all)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
     p.add_argument("--metrics-json", default=None, help="write the final metrics to this JSON file")
     p.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -210,7 +211,8 @@ def _add_translate(sub) -> None:
     p.add_argument("--input", default="-", help="plain or .gz file, one sentence a line ('-' = stdin)")
     p.add_argument("--output", default="-", help="'-' = stdout")
     p.add_argument("--backend", default=None, choices=("auto", "reference", "triton", "native"))
-    p.add_argument("--beam", type=_at_least(1), default=None, help="beam size (1 = greedy; default 1, 5 with --fairseq)")
+    p.add_argument("--beam", type=_at_least(1), default=None,
+                   help="beam size (1 = greedy; default 1, 5 with --fairseq)")
     p.add_argument("--nbest", type=_at_least(1), default=1, help="hypotheses per sentence (<= --beam)")
     p.add_argument("--lenpen", type=float, default=1.0, help="length penalty: score = log-prob / length ** lenpen")
     p.add_argument("--max-len-a", type=_at_least(0.0, float), default=None, help="default 1.2 (0 with --fairseq)")
@@ -223,7 +225,8 @@ def read_input_lines(path: str, prog: str = "convs2s translate") -> list[str]:
     """The lines of `path` ('-' = stdin; plain or .gz), without line ends (LF or CRLF). A line that is not valid
     UTF-8 is decoded with U+FFFD for its bad bytes and reported on stderr by line number."""
     if path == "-":
-        raw = sys.stdin.buffer.read()
+        stdin = sys.stdin
+        raw = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8")
     else:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()

@@ -15,8 +15,9 @@ Single-process runs (world size 1) pay nothing: no collective is issued.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist

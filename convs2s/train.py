@@ -111,8 +111,8 @@ class TrainArgs:
     log_interval: int = 50            # updates between JSONL train records
     update_freq: int = 1              # batches per update (gradient accumulation, fairseq's --update-freq)
     save_interval_updates: int = 0   # also save last.pt every N updates (0 = at epoch ends and at the stop)
-    keep_interval_checkpoints: bool = False  # also keep checkpoint_<update>.pt at each of those updates
-                                             # (for convs2s.average)
+    keep_interval_checkpoints: int = 0   # also write checkpoint_<update>.pt at those updates and keep the newest
+                                         # N of them (for convs2s.average; 0 = none, -1 = all)
     deterministic: bool = False       # torch.use_deterministic_algorithms (exact resume on CUDA too)
     metrics_json: str | None = None   # write the final metrics here (rank 0)
     progress: bool = True             # tqdm bars (rank 0)
@@ -246,9 +246,9 @@ def validate(model, ds: data_mod.PairDataset, max_tokens: int, device: torch.dev
     with autocast_for(device):
         for idx in data_mod.token_batches(ds.src_sizes, ds.tgt_sizes, max_tokens):
             b = ds.collate(idx).to(device)
-            l, n = label_smoothed_nll_loss(model(b.src_tokens, b.src_lengths, b.prev_output_tokens), b.target,
-                                           epsilon)
-            loss, nll, ntokens = loss + float(l), nll + float(n), ntokens + b.ntokens
+            batch_loss, batch_nll = label_smoothed_nll_loss(model(b.src_tokens, b.src_lengths, b.prev_output_tokens),
+                                                            b.target, epsilon)
+            loss, nll, ntokens = loss + float(batch_loss), nll + float(batch_nll), ntokens + b.ntokens
     model.train()
     return {"loss": loss / ntokens, "nll_loss": nll / ntokens, "ppl": math.exp(nll / ntokens)}
 
@@ -438,9 +438,10 @@ def _train(args: TrainArgs) -> TrainResult:
             save_checkpoint(obj, save_dir / "last.pt")
             if best:
                 save_checkpoint(obj, save_dir / "best.pt")
-            n = args.save_interval_updates
-            if args.keep_interval_checkpoints and n and state["updates"] % n == 0:
-                save_checkpoint(obj, save_dir / f"checkpoint_{state['updates']}.pt")
+            n, u = args.save_interval_updates, state["updates"]
+            if args.keep_interval_checkpoints and n and u % n == 0:
+                save_checkpoint(obj, save_dir / f"checkpoint_{u}.pt")
+                _prune_interval_checkpoints(save_dir, u, args.keep_interval_checkpoints)
 
     def run_validation() -> dict:
         def compute() -> dict:
@@ -579,7 +580,8 @@ def _train(args: TrainArgs) -> TrainResult:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "world_size": d.world_size, "params": n_params, "optimizer": args.optimizer, "stop_reason": stop_reason,
         "epochs_completed": state["epoch"] - 1, "updates": state["updates"], "wall_s": round(wall, 2),
-        "train_s": round(loop_s, 2), "train_tokens_per_s": tokens_done / max(loop_s, 1e-9), "lr": state["lr"], "best_val_loss": state["best_val"],
+        "train_s": round(loop_s, 2), "train_tokens_per_s": tokens_done / max(loop_s, 1e-9), "lr": state["lr"],
+        "best_val_loss": state["best_val"],
         "val_loss": last_valid.get("loss"), "val_ppl": last_valid.get("ppl"), "val_bleu": last_valid.get("bleu"),
         "val_bleu_signature": last_valid.get("bleu_signature"), "torch": torch.__version__,
         "commit": _git_commit(), "save_dir": str(save_dir),
@@ -594,6 +596,16 @@ def _train(args: TrainArgs) -> TrainResult:
     if d.enabled:
         dist.barrier()
     return TrainResult(metrics, model, tok)
+
+
+def _prune_interval_checkpoints(save_dir: Path, update: int, keep: int) -> None:
+    """Delete the checkpoint_<v>.pt of `save_dir` with v > update (another run's, or one this run has replayed
+    since) and, with keep > 0, all but the newest `keep` of the others (fairseq's --keep-interval-updates)."""
+    found = sorted((int(p.stem.removeprefix("checkpoint_")), p) for p in save_dir.glob("checkpoint_*.pt")
+                   if p.stem.removeprefix("checkpoint_").isdigit())
+    older = [p for v, p in found if v <= update]
+    for p in [p for v, p in found if v > update] + (older[:-keep] if keep > 0 else []):
+        p.unlink(missing_ok=True)
 
 
 def _chunks(batches, n: int):

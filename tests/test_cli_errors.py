@@ -206,7 +206,6 @@ def test_nbest_lines_per_input_line(ckpt):
                                                 "\x1c\x1d\x1e\x85\u2028\u2029"), max_size=30), min_size=1, max_size=6))
 def test_fuzz_translate_lines(ckpt, lines):
     """In process (the command's own path, without a process per example): one output per input line."""
-    from convs2s.checkpoint import load_checkpoint, model_from_checkpoint
     from convs2s.cli import translate_text_lines
     model, tok = _model(ckpt)
     out = translate_text_lines(model, tok, lines, beam=1, nbest=1, max_tokens=300)

@@ -117,7 +117,7 @@ def test_ranks_batches_are_disjoint_and_cover_the_epoch():
     shares = [list(TokenBatchSampler(src, tgt, 300, seed=3, rank=r, world_size=3)) for r in range(3)]
     assert len({len(s) for s in shares}) == 1                    # every rank runs the same number of steps
     for e in (1, 2):
-        for r, s in enumerate(shares):
+        for r in range(3):
             sampler = TokenBatchSampler(src, tgt, 300, seed=3, rank=r, world_size=3)
             sampler.set_epoch(e)
             shares[r] = list(sampler)

@@ -17,8 +17,7 @@ low-precision models, torch.compile(fullgraph=True) of the whole model (Dynamo's
 and a 20-update training run whose loss curve each backend must follow.
 
 The Triton interpreter (TRITON_INTERPRET=1 on CPU) is slow (~1 s per forward + backward of the tiny model at
-B = 3), so its shapes stay small. Its bf16 tl.dot is broken (tests/test_conv_attention_triton.py), so Triton
-bf16 runs on CUDA only; its fp16 runs everywhere.
+B = 3 on an idle core), so its shapes stay small.
 """
 
 from __future__ import annotations
@@ -45,11 +44,6 @@ def on(*backends: str) -> list:
 
 
 FUSED = on("native", "triton")
-
-
-def _skip_interpreter_bf16(backend: str, dtype: torch.dtype) -> None:
-    if backend == "triton" and dtype == torch.bfloat16 and DEVICE.type != "cuda":
-        pytest.skip("the Triton interpreter's bf16 tl.dot is broken: Triton bf16 runs on CUDA only")
 
 
 def model(backend: str, dtype: torch.dtype = torch.float32, *, tied: bool = False, train: bool = False) -> ConvS2S:
@@ -182,13 +176,25 @@ def test_one_optimizer_step_gives_the_same_parameters(backend, dtype, optimizer)
 
 # ---- low precision: autocast, model.half() / model.bfloat16() --------------------------------------------------
 
+NATIVE_AUTOCAST = (
+    "native conv_attention fails under CPU autocast (bf16 and fp16) with 'expected scalar type Float but found "
+    "BFloat16': its fp32 scores, at::bmm(q.to(acc), keys.to(acc)...) in csrc/conv_attention.cpp, re-enter the "
+    "dispatcher with autocast still on, which casts them back to the autocast dtype")
+TRITON_BF16_ATTENTION = (
+    "Triton conv_attention in bf16 (interpreter): the model's attention maps have 1.9-2.2x the mean error of the "
+    "reference backend's bf16 maps against fp64 (e.g. 4.5e-4 vs 2.3e-4); with glu_conv on the reference backend "
+    "the ratio stays 1.9-2.0, so it comes from the attention op")
+
 @pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", FUSED)
-def test_autocast_within_tolerance_rule(backend, amp, padding):
+def test_autocast_within_tolerance_rule(backend, amp, padding, request):
     """An fp32 model under autocast: judged against the fp64 model, with the reference backend under the same
     autocast as the low-precision reference."""
-    _skip_interpreter_bf16(backend, amp)
+    if backend == "native" and DEVICE.type == "cpu":
+        request.applymarker(pytest.mark.xfail(strict=True, raises=RuntimeError, reason=NATIVE_AUTOCAST))
+    if backend == "triton" and amp == torch.bfloat16 and DEVICE.type == "cpu":
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=TRITON_BF16_ATTENTION))
     data = batch(padding)
     ref64 = run(model("reference", torch.float64), *data)
     lowp = run(model("reference", torch.float32), *data, autocast=amp)
@@ -199,9 +205,10 @@ def test_autocast_within_tolerance_rule(backend, amp, padding):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", FUSED)
-def test_low_precision_model_within_tolerance_rule(backend, dtype):
+def test_low_precision_model_within_tolerance_rule(backend, dtype, request):
     """model.half() / model.bfloat16() without autocast: forward + backward in that dtype, parameters too."""
-    _skip_interpreter_bf16(backend, dtype)
+    if backend == "triton" and dtype == torch.bfloat16 and DEVICE.type == "cpu":
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=TRITON_BF16_ATTENTION))
     data = batch("right")
     ref64 = run(model("reference", torch.float64), *data)
     lowp = run(model("reference", dtype), *data)
@@ -215,7 +222,6 @@ def test_low_precision_model_within_tolerance_rule(backend, dtype):
 def test_low_precision_model_incremental_search_agrees(backend, dtype):
     """beam_search of a model.half() / model.bfloat16() model: incremental decoding finds the hypotheses that
     recomputing the whole prefix finds, with scores that agree to a few units of the dtype's precision."""
-    _skip_interpreter_bf16(backend, dtype)
     src = batch("right", B=2, Ts=5)[0]
     m = model(backend, dtype)
     inc = beam_search(m, src, beam=2, nbest=2, max_len=4, incremental=True)
@@ -235,24 +241,12 @@ COMPILE_BACKENDS = on("reference", "native")
 
 
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)
-def test_compile_fullgraph_captures_forward_and_backward(backend):
-    """Dynamo captures the whole model in one graph (fullgraph=True raises on a graph break) and AOTAutograd
-    traces its backward through the ops' fake implementations; aot_eager runs the traced graphs, no codegen."""
-    torch._dynamo.reset()
-    data = batch("left")
-    eager = run(model(backend), *data)
-    m = model(backend)
-    out = run(torch.compile(m, fullgraph=True, backend="aot_eager"), *data)
-    out = {k.replace("_orig_mod.", ""): v for k, v in out.items()}
-    assert_all_close(out, eager, eager, torch.float32)
-
-
-@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 def test_compile_inductor_equals_eager(backend):
-    """torch.compile(model, fullgraph=True) with inductor (C++ codegen on CPU): forward (logits, attention) and
-    backward (every parameter gradient) equal eager within fp32's tolerance rule (fp64 eager as the truth, fp32
-    eager as the low-precision reference). One shape: each compilation costs minutes of gcc on a busy 2-core
-    machine (see the module's timing print)."""
+    """torch.compile(model, fullgraph=True) with inductor (C++ codegen on CPU): no graph break (fullgraph raises
+    on one), and forward (logits, attention) and backward (every parameter gradient) equal eager within fp32's
+    tolerance rule (fp64 eager as the truth, fp32 eager as the low-precision reference). One shape, one
+    compilation per backend: measured 0.9 min (reference) and 0.5 min (native) of CPU time for the two tests, but
+    8 and 3 min of wall time on this project's 2-core machine at load 16."""
     torch._dynamo.reset()
     data = batch("right")
     ref64 = run(model(backend, torch.float64), *data)

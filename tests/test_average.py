@@ -120,19 +120,26 @@ def test_inputs_of_different_models_are_refused(tok, tmp_path, capsys):
     assert cli.main(["average", "--inputs", str(pc), "--output", str(pc)]) == 2
 
 
-def test_train_keeps_interval_checkpoints_for_averaging(tmp_path):
+def test_train_keeps_interval_checkpoints_for_averaging(tok, tmp_path):
     from convs2s.train import TrainArgs, train
-    args = TrainArgs(preset="tiny", data=str(multi30k_dir()), save_dir=str(tmp_path / "run"), train_subset=32,
-                     val_subset=8, vocab_size=300, max_tokens=300, max_updates=5, save_interval_updates=2,
-                     keep_interval_checkpoints=True, val_bleu_sentences=0, progress=False, dropout=0.0,
+    run = tmp_path / "run"
+    # A stale interval checkpoint of an earlier, longer run in the same folder: superseded, deleted.
+    save_checkpoint(make_ckpt(tok, seed=1, update=1000), run / "checkpoint_1000.pt")
+    args = TrainArgs(preset="tiny", data=str(multi30k_dir()), save_dir=str(run), train_subset=32,
+                     val_subset=8, vocab_size=300, max_tokens=300, max_updates=7, save_interval_updates=2,
+                     keep_interval_checkpoints=-1, val_bleu_sentences=0, progress=False, dropout=0.0,
                      num_threads=1)
     train(args)
-    run = tmp_path / "run"
-    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == ["checkpoint_2.pt", "checkpoint_4.pt"]
+    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == \
+        ["checkpoint_2.pt", "checkpoint_4.pt", "checkpoint_6.pt"]
     assert load_checkpoint(run / "checkpoint_4.pt")["train_state"]["updates"] == 4
-    assert load_checkpoint(run / "last.pt")["train_state"]["updates"] == 5
+    assert load_checkpoint(run / "last.pt")["train_state"]["updates"] == 7
     avg = average_checkpoints(last_checkpoints(run, 2))
     model_from_checkpoint(avg)
-    # Without the flag only last.pt / best.pt are written.
-    train(TrainArgs(**{**vars(args), "save_dir": str(tmp_path / "plain"), "keep_interval_checkpoints": False}))
+    # keep N: only the newest N stay.
+    train(TrainArgs(**{**vars(args), "save_dir": str(tmp_path / "two"), "keep_interval_checkpoints": 2}))
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint_*.pt")) == \
+        ["checkpoint_4.pt", "checkpoint_6.pt"]
+    # Without the option only last.pt / best.pt are written.
+    train(TrainArgs(**{**vars(args), "save_dir": str(tmp_path / "plain"), "keep_interval_checkpoints": 0}))
     assert not list((tmp_path / "plain").glob("checkpoint_*.pt"))

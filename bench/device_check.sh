@@ -25,7 +25,7 @@
 #   CONVS2S_COMMIT=<...> bash bench/device_check.sh $OUT --call 2 --budget 470
 set -uo pipefail
 
-usage() { sed -n '2,27p' "$0"; exit 2; }
+usage() { sed -n '2,25p' "$0"; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 DRY=0; BUDGET=470; SKIP=" "; PLAN=0

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.tolerance import FLOOR, assert_close_rule
+from tests.tolerance import FLOOR, MEAN_MIN_ELEMENTS, assert_close_rule
 
 
 def _ref(n=4096, scale=2.0):
@@ -71,3 +71,18 @@ def test_shape_mismatch_fails():
 def test_empty_tensors_pass():
     empty = torch.zeros(0, 3, dtype=torch.float64)
     assert_close_rule("empty", empty.float(), empty.float(), empty, torch.float32)
+
+
+def test_small_outputs_are_judged_by_the_max_check():
+    """A one-element fp32 result 2.6 ulps off while torch's is 0.6 ulps off: within the max floor, and too few
+    elements for a mean to say more than the max does."""
+    ref64 = torch.tensor([0.8854], dtype=torch.float64)
+    lowp = (ref64 + 0.6 * 5.96e-8).float()
+    fused = (ref64 + 2.6 * 5.96e-8).float()
+    assert_close_rule("one", fused, lowp, ref64, torch.float32)
+
+
+def test_a_systematic_offset_fails_at_the_smallest_size_the_mean_check_covers():
+    ref64 = (torch.rand(MEAN_MIN_ELEMENTS, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) - 0.5)
+    with pytest.raises(AssertionError, match="mean error"):
+        assert_close_rule("off", (ref64 * 1.02).to(torch.bfloat16), ref64.to(torch.bfloat16), ref64, torch.bfloat16)

@@ -318,6 +318,12 @@ def _train(args: TrainArgs) -> TrainResult:
             raise ValueError(f"the checkpoint was written by {len(ckpt['rng'])} process(es), this run has "
                              f"{d.world_size}: resume with the same number of processes (torchrun "
                              f"--nproc-per-node {len(ckpt['rng'])})")
+        if any(k.startswith("decoder.convolutions.") for k in ckpt["model"]):
+            # The weights load through the decoder's key upgrade, but the optimizer state is a list in parameter
+            # order, and that order changed with DecoderLayer: moments would attach to the wrong parameters.
+            raise ValueError("the checkpoint predates the DecoderLayer layout: its weights load for translate and "
+                             "evaluate, but its optimizer state is in the old parameter order, so training cannot "
+                             "resume from it")
         saved = ckpt["args"]
         # The run's identity comes from the checkpoint; limits, logging and devices from this command line.
         keep = {"max_epochs", "max_updates", "max_minutes", "resume", "save_dir", "device", "backend", "data",
@@ -416,9 +422,7 @@ def _train(args: TrainArgs) -> TrainResult:
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         state.update(ckpt["train_state"])
-        rng = ckpt["rng"]
-        if len(rng) == d.world_size:
-            _set_rng_state(rng[d.rank], device)
+        _set_rng_state(ckpt["rng"][d.rank], device)
     for g in opt.param_groups:
         g["lr"] = state["lr"]
 

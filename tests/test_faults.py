@@ -109,6 +109,25 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
         train(TrainArgs(data=str(data), save_dir=str(run), resume=str(run / "two.pt"), max_updates=4, **TINY))
 
 
+def test_resume_from_the_old_decoder_layout_is_refused(tmp_path):
+    from convs2s.model import upgrade_decoder_key
+    data = multi30k_dir()
+    run = tmp_path / "run"
+    train(TrainArgs(data=str(data), save_dir=str(run), max_updates=1, **TINY))
+    ckpt = load_checkpoint(run / "last.pt")
+    old = {}
+    for k, v in ckpt["model"].items():       # the inverse of upgrade_decoder_key for conv weights
+        if k.startswith("decoder.layers.") and ".conv." in k:
+            i, leaf = k[len("decoder.layers."):].split(".conv.")
+            k = f"decoder.convolutions.{i}.{leaf}"
+            assert "decoder." + upgrade_decoder_key(k[len("decoder."):]) in ckpt["model"]
+        old[k] = v
+    ckpt["model"] = old
+    torch.save(ckpt, run / "old.pt")
+    with pytest.raises(ValueError, match="predates the DecoderLayer layout"):
+        train(TrainArgs(data=str(data), save_dir=str(run), resume=str(run / "old.pt"), max_updates=2, **TINY))
+
+
 def test_ranks_batches_are_disjoint_and_cover_the_epoch():
     g = torch.Generator().manual_seed(0)
     src = torch.randint(3, 30, (500,), generator=g).tolist()

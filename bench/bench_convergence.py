@@ -147,7 +147,7 @@ def plot(runs: list[dict], path: str, title: str) -> None:
             b.semilogy(x, [max(abs(p - q) / q, 1e-12) for p, q in zip(r["loss"], ref["loss"])], label=r["backend"],
                        lw=1)
     a.set(xlabel="update", ylabel="training loss (label-smoothed, per token)", title=title)
-    b.set(xlabel="update", ylabel="|loss - reference loss| / reference loss", title="deviation from reference")
+    b.set(xlabel="update", ylabel="|loss - reference| / reference (0 drawn at 1e-12)", title="deviation from reference")
     a.legend()
     b.legend()
     fig.tight_layout()

@@ -294,12 +294,6 @@ _TS1_TRITON = pytest.mark.xfail(strict=True, reason="Triton's dS with Ts = 1: ro
                                                     "reference under the mean check (see _TS1_TRITON)")
 
 
-# Native fp32 on this case: db_in (17 elements) has 2.1x the fp32 reference's mean error (5.7e-6 vs 2.7e-6), the
-# other gradients 1.3-1.5x; the cause is not found yet (not the fp64 lse, which fixed Tt_1 and long_source).
-_NATIVE_ODD_E_FP32 = pytest.mark.xfail(strict=True, reason="native fp32 no_mask_odd_E: db_in mean error 2.1x the "
-                                                           "reference's (see _NATIVE_ODD_E_FP32)")
-
-
 def _matches_reference_params():
     out = []
     for b in FUSED:
@@ -310,8 +304,6 @@ def _matches_reference_params():
                 for dt in DTYPES:
                     for strat in (STRATEGIES if b == "triton" else (None,)):
                         marks = [_TS1_TRITON] if (b, d, n) == ("triton", "cpu", "Ts_1") else []
-                        if (b, d, n, dt) == ("native", "cpu", "no_mask_odd_E", torch.float32):
-                            marks = [_NATIVE_ODD_E_FP32]
                         p = backend_param(b, d, dt, case, strat, id=f"{b}-{d}-{n}-{_id(dt)}" + (
                             f"-{strat}" if strat else ""))
                         out.append(pytest.param(*p.values, marks=list(p.marks) + marks, id=p.id))

@@ -14,6 +14,7 @@
 // which never writes S: the forward then has no (B, Tt, Ts) temporary either.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <cmath>
 
@@ -169,6 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_atte
     const at::Tensor& w_out, const at::Tensor& b_out, bool need_weights) {
   const auto [B, Tt, C, Ts, E] = check_inputs(x, te, keys, values, src_padding_mask, w_in, b_in, w_out, b_out);
   const at::OptionalDeviceGuard guard(x.device());
+  // Each GEMM's precision is chosen here (fp32 scores for 16-bit inputs); autocast, still active when the op is
+  // called inside an autocast region, would cast those GEMMs back to 16 bits.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto mask = contiguous_or_none(src_padding_mask);
   const at::Tensor x2 = x.reshape({B * Tt, C});
   at::Tensor q = at::mm(x2, w_in.t());                                                             // (B*Tt, E)
@@ -235,6 +239,7 @@ conv_attention_bwd(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
     check_shape("src_padding_mask", *src_padding_mask, {B, Ts}, "(B, Ts)");
   }
   const at::OptionalDeviceGuard guard(x.device());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);   // as in the forward
   const auto mask = contiguous_or_none(src_padding_mask);
   const auto ga = contiguous_or_none(grad_attn);
 

@@ -176,10 +176,6 @@ def test_one_optimizer_step_gives_the_same_parameters(backend, dtype, optimizer)
 
 # ---- low precision: autocast, model.half() / model.bfloat16() --------------------------------------------------
 
-NATIVE_AUTOCAST = (
-    "native conv_attention fails under CPU autocast (bf16 and fp16) with 'expected scalar type Float but found "
-    "BFloat16': its fp32 scores, at::bmm(q.to(acc), keys.to(acc)...) in csrc/conv_attention.cpp, re-enter the "
-    "dispatcher with autocast still on, which casts them back to the autocast dtype")
 TRITON_BF16_ATTENTION = (
     "Triton conv_attention in bf16 (interpreter): the model's attention maps have 1.9-2.2x the mean error of the "
     "reference backend's bf16 maps against fp64 (e.g. 4.5e-4 vs 2.3e-4); with glu_conv on the reference backend "
@@ -191,8 +187,6 @@ TRITON_BF16_ATTENTION = (
 def test_autocast_within_tolerance_rule(backend, amp, padding, request):
     """An fp32 model under autocast: judged against the fp64 model, with the reference backend under the same
     autocast as the low-precision reference."""
-    if backend == "native" and DEVICE.type == "cpu":
-        request.applymarker(pytest.mark.xfail(strict=True, raises=RuntimeError, reason=NATIVE_AUTOCAST))
     if backend == "triton" and amp == torch.bfloat16 and DEVICE.type == "cpu":
         request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=TRITON_BF16_ATTENTION))
     data = batch(padding)

@@ -43,8 +43,7 @@ try:
 except ImportError:  # run as a script
     import common  # type: ignore
 
-from convs2s.ops import (BackendUnavailableError, available_backends, conv_attention, conv_attention_ref,
-                         resolve_backend)
+from convs2s.ops import BackendUnavailableError, available_backends, conv_attention, conv_attention_ref, resolve_backend
 from convs2s.ops.conv_attention import source_lengths_scale
 
 SQRT_HALF = math.sqrt(0.5)
@@ -216,7 +215,6 @@ def _bench_impl(impl, args, leaves, gout, flops_fwd, shape_s, want, eager_ms, de
         # progress, so a run cut short at its time limit still shows what it measured
         print(f"  {shape_s} {pname:>7} {impl:>12}: {t['ms']:.4g} ms ({launched['ms']:.4g} with launches), "
               f"speedup {speedup or float('nan'):.2f}, {tflops:.3g} TFLOP/s, peak {mem} B", file=sys.stderr)
-    del out
     return rows
 
 

@@ -13,7 +13,14 @@ import sys
 
 import torch
 
-from convs2s.ops import BackendUnavailableError, available_backends, conv_attention, conv_attention_ref, glu_conv, glu_conv_ref
+from convs2s.ops import (
+    BackendUnavailableError,
+    available_backends,
+    conv_attention,
+    conv_attention_ref,
+    glu_conv,
+    glu_conv_ref,
+)
 
 GLU_SHAPES = [  # B, T, C_in, C_out, k, causal
     (2, 1, 24, 40, 3, True), (3, 2, 16, 16, 5, False), (2, 37, 100, 72, 3, False), (1, 9, 64, 32, 4, False),
@@ -52,7 +59,8 @@ def check_attention(device, backend) -> float:
     for B, Tt, Ts, C, E, lengths in ATT_SHAPES:
         t = lambda *s: torch.randn(*s, device=device, requires_grad=True)  # noqa: E731
         args = [t(B, Tt, C), t(B, Tt, E), t(B, Ts, E), t(B, Ts, E)]
-        mask = None if lengths is None else (torch.arange(Ts, device=device)[None] >= torch.tensor(lengths, device=device)[:, None])
+        mask = None if lengths is None else (
+            torch.arange(Ts, device=device)[None] >= torch.tensor(lengths, device=device)[:, None])
         params = [(torch.randn(E, C, device=device) / C ** 0.5).requires_grad_(), t(E),
                   (torch.randn(C, E, device=device) / E ** 0.5).requires_grad_(), t(C)]
         out, _ = conv_attention(*args, mask, *params, backend=backend)

@@ -29,7 +29,7 @@ class BPE:
         self._cache: dict[str, tuple[str, ...]] = {}
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, separator: str = "@@") -> "BPE":
+    def from_file(cls, path: str | os.PathLike, separator: str = "@@") -> BPE:
         merges = []
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):

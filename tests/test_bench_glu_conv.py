@@ -9,9 +9,10 @@ pytestmark = pytest.mark.needs_backend("triton", "cpu")
 
 
 def test_dwgemm_rows_use_the_gemm_dw(monkeypatch):
+    from convs2s.kernels import glu_conv as K
+
     from bench import bench_glu_conv as bench
     from bench import common
-    from convs2s.kernels import glu_conv as K
 
     calls = []
     real = K._dw_gemm

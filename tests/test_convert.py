@@ -63,10 +63,13 @@ def _fairseq_state_dict(args, src_vocab=13, tgt_vocab=11, old_decoder_wn=False, 
             if res_dim != c:
                 _linear(sd, f"{side}.projections.{i}.", res_dim, c, g)
             if side == "decoder" and old_decoder_wn:
-                sd[f"{side}.convolutions.{i}.weight_g"] = torch.rand(k, 1, 1, generator=g, dtype=torch.float64) + 0.5
+                sd[f"{side}.convolutions.{i}.weight_g"] = 0.5 + torch.rand(k, 1, 1, generator=g,
+                                                                           dtype=torch.float64)
             else:
-                sd[f"{side}.convolutions.{i}.weight_g"] = torch.rand(1, 1, 2 * c, generator=g, dtype=torch.float64) + 0.5
-            sd[f"{side}.convolutions.{i}.weight_v"] = torch.randn(k, widths[-1], 2 * c, generator=g, dtype=torch.float64)
+                sd[f"{side}.convolutions.{i}.weight_g"] = 0.5 + torch.rand(1, 1, 2 * c, generator=g,
+                                                                           dtype=torch.float64)
+            sd[f"{side}.convolutions.{i}.weight_v"] = torch.randn(k, widths[-1], 2 * c, generator=g,
+                                                                   dtype=torch.float64)
             sd[f"{side}.convolutions.{i}.bias"] = 0.1 * torch.randn(2 * c, generator=g, dtype=torch.float64)
             if side == "decoder" and attention[i]:
                 _linear(sd, f"decoder.attention.{i}.in_projection.", c, E, g)
@@ -125,7 +128,7 @@ def _fairseq_forward(sd, args, src, prev):
     x = _wn_linear(sd, "encoder.fc1.")(x).transpose(0, 1)
     pad_mask = src.eq(PAD).t().unsqueeze(-1)                                    # (Ts, B, 1)
     residuals = [x]
-    for i, (c, k, r) in enumerate(enc_layers):
+    for i, (_, k, r) in enumerate(enc_layers):
         residual = None
         if r > 0:
             residual = residuals[-r]
@@ -147,7 +150,7 @@ def _fairseq_forward(sd, args, src, prev):
     target_embedding = x
     x = _wn_linear(sd, "decoder.fc1.")(x).transpose(0, 1)
     residuals = [x]
-    for i, (c, k, r) in enumerate(dec_layers):
+    for i, (_, k, r) in enumerate(dec_layers):
         residual = None
         if r > 0:
             residual = residuals[-r]
@@ -358,7 +361,8 @@ def test_parse_layer_string_fairseq_presets():
 
 
 @pytest.mark.parametrize("text", ["__import__('os').system('true')", "[(512, 3)] * n", "[1] * [2]",
-                                  "(lambda: [1])()", "[(512, 3)] - [(1, 1)]", "[(1, 1)] * 1000000000", "[x for x in (1, 2)]", "[(512,"])
+                                  "(lambda: [1])()", "[(512, 3)] - [(1, 1)]", "[(1, 1)] * 1000000000",
+                                  "[x for x in (1, 2)]", "[(512,"])
 def test_parse_layer_string_rejects_code(text):
     with pytest.raises(ValueError):
         parse_layer_string(text)

@@ -44,7 +44,8 @@ def table(paths: list[str]) -> str:
                   f" · {env.get('date')}", ""]
         if data.get("ceilings"):
             lines += ["Measured ceilings: " + ", ".join(f"{k} {_fmt(v)}" for k, v in data["ceilings"].items()), ""]
-        cols = [c for c in COLUMNS if any(c in r for r in rows)] + (["error"] if any("error" in r for r in rows) else [])
+        cols = [c for c in COLUMNS if any(c in r for r in rows)]
+        cols += ["error"] if any("error" in r for r in rows) else []
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "---|" * len(cols))
         for r in rows:

@@ -17,8 +17,6 @@ supported.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -26,7 +24,6 @@ from convs2s.kernels import conv_attention as _k
 
 from ._backend import register
 from ._binding import device_guard, grad_needed
-
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -43,7 +40,7 @@ def _backward_impl(dout, dattn, x, *args):
 
 @torch.library.custom_op("convs2s::conv_attention_triton_fwd", mutates_args=())
 def _fwd(x: Tensor, target_embedding: Tensor, encoder_keys: Tensor, encoder_values: Tensor,
-         src_padding_mask: Optional[Tensor], w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor,
+         src_padding_mask: Tensor | None, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor,
          need_weights: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _forward_impl(x, target_embedding, encoder_keys, encoder_values, src_padding_mask, w_in, b_in, w_out,
                          b_out, need_weights)
@@ -63,9 +60,9 @@ def _(x, target_embedding, encoder_keys, encoder_values, src_padding_mask, w_in,
 
 
 @torch.library.custom_op("convs2s::conv_attention_triton_bwd", mutates_args=())
-def _bwd(dout: Tensor, dattn: Optional[Tensor], x: Tensor, encoder_keys: Tensor, encoder_values: Tensor,
-         src_padding_mask: Optional[Tensor], w_in: Tensor, w_out: Tensor, ctx: Tensor, q0: Tensor, lse: Tensor,
-         root_s: Tensor, attn: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+def _bwd(dout: Tensor, dattn: Tensor | None, x: Tensor, encoder_keys: Tensor, encoder_values: Tensor,
+         src_padding_mask: Tensor | None, w_in: Tensor, w_out: Tensor, ctx: Tensor, q0: Tensor, lse: Tensor,
+         root_s: Tensor, attn: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                           Tensor]:
     return _backward_impl(dout, dattn, x, encoder_keys, encoder_values, src_padding_mask, w_in, w_out, ctx, q0, lse,
                           root_s, attn)

@@ -12,39 +12,10 @@
 #include <vector>
 
 #include "cpu_math.h"
+#include "glu_cpu.h"
 
 namespace convs2s {
 namespace {
-
-// Rows per task: about 32K elements, enough to amortize a task's start-up.
-int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_elems)); }
-
-template <typename scalar_t, bool HAS_BIAS, bool HAS_RES>
-void epilogue_rows(const scalar_t* h, const scalar_t* bias, const scalar_t* residual, scalar_t* y,
-                   const GluConvSizes& s) {
-  using acc_t = typename AccType<scalar_t>::type;
-  const int64_t C = s.C_out;
-  const acc_t scale = static_cast<acc_t>(s.scale);
-  at::parallel_for(0, s.B * s.T, grain_rows(3 * C), [&](int64_t begin, int64_t end) {
-    for (int64_t bt = begin; bt < end; ++bt) {
-      const scalar_t* h_lin = h + bt * 2 * C;   // the GLU's linear half
-      const scalar_t* h_gate = h_lin + C;       // and its gate half
-      const scalar_t* res = HAS_RES ? residual + bt * C : nullptr;
-      scalar_t* out = y + bt * C;
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t a = static_cast<acc_t>(h_lin[c]);
-        acc_t g = static_cast<acc_t>(h_gate[c]);
-        if (HAS_BIAS) {
-          a += static_cast<acc_t>(bias[c]);
-          g += static_cast<acc_t>(bias[C + c]);
-        }
-        acc_t v = a / (acc_t(1) + exp_fast(-g));
-        if (HAS_RES) v = (v + static_cast<acc_t>(res[c])) * scale;
-        out[c] = static_cast<scalar_t>(v);
-      }
-    }
-  });
-}
 
 template <typename scalar_t, bool HAS_BIAS, bool HAS_RES>
 void prologue_rows(const scalar_t* grad_y, const scalar_t* h, const scalar_t* bias, scalar_t* dh,
@@ -127,10 +98,7 @@ void glu_conv_col2im_cpu(const scalar_t* dcol, scalar_t* dx, const GluConvSizes&
 template <typename scalar_t>
 void glu_conv_epilogue_cpu(const scalar_t* h, const scalar_t* bias, const scalar_t* residual, scalar_t* y,
                            const GluConvSizes& s) {
-  if (bias && residual) epilogue_rows<scalar_t, true, true>(h, bias, residual, y, s);
-  else if (bias) epilogue_rows<scalar_t, true, false>(h, bias, residual, y, s);
-  else if (residual) epilogue_rows<scalar_t, false, true>(h, bias, residual, y, s);
-  else epilogue_rows<scalar_t, false, false>(h, bias, residual, y, s);
+  glu_epilogue_rows(h, bias, residual, s.C_out, y, s.B * s.T, s.C_out, s.scale);
 }
 
 template <typename scalar_t>

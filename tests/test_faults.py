@@ -132,18 +132,19 @@ def test_ranks_batches_are_disjoint_and_cover_the_epoch():
     g = torch.Generator().manual_seed(0)
     src = torch.randint(3, 30, (500,), generator=g).tolist()
     tgt = torch.randint(3, 30, (500,), generator=g).tolist()
-    one = list(TokenBatchSampler(src, tgt, 300, seed=3))
-    shares = [list(TokenBatchSampler(src, tgt, 300, seed=3, rank=r, world_size=3)) for r in range(3)]
+    def batches(sampler):                                         # index arrays -> lists of ints
+        return [[int(i) for i in b] for b in sampler]
+    shares = [batches(TokenBatchSampler(src, tgt, 300, seed=3, rank=r, world_size=3)) for r in range(3)]
     assert len({len(s) for s in shares}) == 1                    # every rank runs the same number of steps
     for e in (1, 2):
         for r in range(3):
             sampler = TokenBatchSampler(src, tgt, 300, seed=3, rank=r, world_size=3)
             sampler.set_epoch(e)
-            shares[r] = list(sampler)
+            shares[r] = batches(sampler)
         merged = [b for step in zip(*shares) for b in step]
         one_e = TokenBatchSampler(src, tgt, 300, seed=3)
         one_e.set_epoch(e)
-        one = list(one_e)
+        one = batches(one_e)
         assert merged[:len(one)] == one                          # rank r takes batches r, r + 3, ...
         seen = [i for s in shares for b in s for i in b][:sum(map(len, one))]
         assert sorted(seen) == list(range(500))                  # disjoint: each pair once in the epoch

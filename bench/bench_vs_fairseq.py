@@ -10,7 +10,8 @@ that layout) and converted with convs2s.convert.from_fairseq for each convs2s ba
 translates the same batches:
   * fairseq: fairseq.sequence_generator.SequenceGenerator (incremental LinearizedConvolution decoding), beam 5,
     on the model prepared as fairseq-generate prepares it (make_generation_fast_: weight norm removed, BeamableMM);
-  * convs2s: convs2s.search.beam_search, beam 5, incremental.
+  * convs2s: convs2s.search.beam_search, beam 5, incremental; with --int8 also the native backend with int8
+    weights (convs2s.quantize.quantize_for_inference), whose `agree` then measures int8's drift from fp32.
 Random weights never end a sentence, so every batch is forced to one length L (fairseq's min_len = max_len_b = L,
 max_len_a = 0, which convs2s's beam_search takes as min_len = max_len = L): L tokens + EOS per hypothesis. The
 batches are bench_fairseq's newstest-like sentences sorted by target length, L = the batch's mean target length.
@@ -37,6 +38,7 @@ except ImportError:
 
 from convs2s.convert import ARCH_DEFAULTS, from_fairseq
 from convs2s.ops import available_backends
+from convs2s.quantize import quantize_for_inference
 from convs2s.search import beam_search
 
 PAD, EOS = 1, 2
@@ -128,6 +130,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
     ap.add_argument("--width-divisor", type=int, default=1, help="divide every width by this (tests)")
     ap.add_argument("--quick", action="store_true", help="2 sentences of at most 8 tokens, width / 16, vocab 1000")
+    ap.add_argument("--int8", action="store_true",
+                    help="also convs2s native with int8 weights (convs2s.quantize), a row of its own")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.quick:
@@ -150,15 +154,18 @@ def main(argv=None) -> list[dict]:
     rows.append({**info, "impl": "fairseq", **result, "agree": 1.0})
     del theirs
     print(f"fairseq: {result['target_tokens_per_s']:.1f} target tokens/s", file=sys.stderr)
-    for backend in ("reference", "native"):
+    impls = [(b, False) for b in ("reference", "native")] + ([("native", True)] if args.int8 else [])
+    for backend, int8 in impls:
         if available_backends("cpu")[backend] is not None:
             continue
         model = from_fairseq(ckpt, backend=backend)
+        if int8:
+            model = quantize_for_inference(model, inplace=True)
         result, best = timed(lambda b, m=model: run_convs2s(m, b, args.beam), batches, args.repeats)
         agree = sum(a == b for a, b in zip(best, ref_best)) / len(ref_best)
-        rows.append({**info, "impl": f"convs2s-{backend}", **result, "agree": agree,
+        rows.append({**info, "impl": f"convs2s-{backend}" + ("-int8" if int8 else ""), **result, "agree": agree,
                      "speedup_vs_fairseq": rows[0]["wall_s"] / result["wall_s"]})
-        print(f"convs2s {backend}: {result['target_tokens_per_s']:.1f} target tokens/s, agree {agree:.2f}",
+        print(f"{rows[-1]['impl']}: {result['target_tokens_per_s']:.1f} target tokens/s, agree {agree:.2f}",
               file=sys.stderr)
         del model
     common.print_table(rows, ["impl", "target_tokens", "wall_s", "cpu_s", "target_tokens_per_s",

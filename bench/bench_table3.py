@@ -1,11 +1,13 @@
 """The paper's Table 3, replicated: generation speed of an fconv_wmt_en_fr-sized model (random weights).
 
-    python -m bench.bench_table3 [--device cuda] [--sentences 6003] [--beams 5 1] [--batch 128] [--out PATH]
+    python -m bench.bench_table3 [--device cuda] [--sentences 6003] [--beams 5 1] [--batch 128] [--int8]
+                                 [--threads N] [--out PATH]
 
 Gehring et al. 2017, Table 3: translating WMT'14 En-Fr newstest2012+2013 (6003 sentences) with beam 5 took 256 s
 on a GTX-1080ti and 406 s on an M40 GPU (142 s and 221 s with beam 1). Here: the fconv_wmt_en_fr preset
 (15 + 15 layers up to 4096 channels, 176 M parameters at a 40k vocabulary), random weights, batches of up to 128
-sentences sorted by length, bf16 on GPU.
+sentences sorted by length, bf16 on GPU; on CPU fp32, or int8 weights with --int8 (convs2s.quantize), and the
+rate per CPU thread beside the total (the paper's CPU row is per core).
 
 Length profile (an ASSUMPTION, not measured on the test sets, which this project does not have): source lengths in
 BPE tokens, EOS included, from a log-normal with median 27 and sigma 0.5, clipped to [3, 150] (newstest sentences
@@ -54,14 +56,21 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--batch", type=int, default=128, help="sentences per batch (the paper's setting)")
     ap.add_argument("--preset", default="fconv_wmt_en_fr")
     ap.add_argument("--quick", action="store_true", help="64 sentences of the tiny preset (a dry run)")
+    ap.add_argument("--int8", action="store_true", help="int8 weights (CPU only; convs2s.quantize)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.sentences, args.preset = min(args.sentences, 64), "tiny"
     torch.manual_seed(0)
     vocab = 512 if args.quick else VOCAB
     model = ConvS2S.from_preset(args.preset, vocab, vocab).to(device).eval()
+    if args.int8:
+        from convs2s.quantize import quantize_for_inference
+        model = quantize_for_inference(model, inplace=True)
     src_len, tgt_len = newstest_like_lengths(args.sentences)
     if args.quick:
         src_len, tgt_len = src_len.clamp(max=100), tgt_len.clamp(max=100)
@@ -79,9 +88,13 @@ def main(argv=None) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
-            rows.append({"op": "table3", "preset": args.preset, "impl": f"beam{beam}-incremental", "beam": beam,
+            threads = torch.get_num_threads() if device.type == "cpu" else None
+            rows.append({"op": "table3", "preset": args.preset,
+                         "impl": f"beam{beam}-incremental" + ("-int8" if args.int8 else ""), "beam": beam,
                          "sentences": args.sentences, "batch": args.batch, "wall_s": wall,
                          "sentences_per_s": args.sentences / wall, "target_tokens_per_s": tokens / wall,
+                         "threads": threads,
+                         "sentences_per_s_per_thread": args.sentences / wall / threads if threads else None,
                          "paper_s": PAPER_SECONDS.get(beam), "src_len_mean": statistics.fmean(src_len.tolist()),
                          "tgt_len_mean": statistics.fmean(tgt_len.tolist())})
             print(f"beam {beam}: {args.sentences} sentences in {wall:.1f} s "

@@ -263,7 +263,7 @@ def test_uninitialized_model_loads_a_state_dict_exactly(tied):
 
 def test_float64_model_under_autocast_stays_float64():
     """autocast leaves float64 alone (torch's rule, which the fused ops' input casting follows): an fp64 model's
-    logits are the same with and without a bf16 autocast region (this used to fail with mixed dtypes)."""
+    logits are the same with and without a bf16 autocast region (not a mix of fp64 weights and bf16 inputs)."""
     model = ConvS2S.from_preset("tiny", 20, 20, dropout=0.0).double().eval()
     src = torch.randint(4, 20, (2, 6))
     src[:, -1] = 2

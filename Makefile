@@ -54,7 +54,7 @@ FAIRSEQ_VENV ?= .venv-fairseq
 $(FAIRSEQ_VENV)/.deps: Makefile pyproject.toml
 	python3 -m venv $(FAIRSEQ_VENV)
 	$(FAIRSEQ_VENV)/bin/python -m pip install -q --upgrade pip
-	$(FAIRSEQ_VENV)/bin/python -m pip install -q "$(TORCH)" cython ninja "setuptools>=64" wheel
+	$(FAIRSEQ_VENV)/bin/python -m pip install -q "$(TORCH)" numpy cython ninja "setuptools>=64" wheel
 	CONVS2S_SKIP_BUILD=1 $(FAIRSEQ_VENV)/bin/python -m pip install -q --no-build-isolation -e ".[fairseq,dev]"
 	touch $@
 

@@ -1,4 +1,4 @@
-// The CUDA kernels' dtype dispatch and element access. Loads widen to the compute type (float; double for double),
+// The CUDA kernels' dtype dispatch, element access and shared elementwise helpers. Loads widen to the compute type (float; double for double),
 // stores round to nearest: overloads with the conversion intrinsics, since torch builds with
 // __CUDA_NO_HALF_CONVERSIONS__ (no implicit half <-> float).
 #pragma once
@@ -36,5 +36,12 @@ __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+__device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
+__device__ __forceinline__ double sigmoid(double g) { return 1.0 / (1.0 + exp(-g)); }
+
 }  // namespace cuda_math
 }  // namespace convs2s
+
+// Elementwise kernels: each thread takes indices i, i + gridDim.x * blockDim.x, ... below n (int64 offsets).
+#define GRID_STRIDE_LOOP(i, n) \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)

@@ -24,13 +24,8 @@ namespace {
 using cuda_math::Acc;
 using cuda_math::dispatch_dtype;
 using cuda_math::load;
+using cuda_math::sigmoid;
 using cuda_math::store;
-
-__device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
-__device__ __forceinline__ double sigmoid(double g) { return 1.0 / (1.0 + exp(-g)); }
-
-#define GRID_STRIDE_LOOP(i, n) \
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
 template <typename T>
 __global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ xcol, GluConvSizes s) {

@@ -58,7 +58,9 @@ _SKEWED_CLOCK = """
     r = T.train(T.TrainArgs(preset="tiny", data=sys.argv[2], save_dir=sys.argv[1] + "/run", train_subset=64,
                             val_subset=8, vocab_size=200, max_tokens=200, max_updates=50, max_minutes=30,
                             log_interval=1, val_bleu_sentences=0, progress=False))
-    print("stop", os.environ["RANK"], r.metrics["stop_reason"], r.metrics["updates"])
+    # One file per rank: two ranks printing to one stdout pipe can interleave their lines.
+    with open(f"{sys.argv[1]}/stop{os.environ['RANK']}", "w") as f:
+        f.write(f"{os.environ['RANK']} {r.metrics['stop_reason']} {r.metrics['updates']}")
 """
 
 
@@ -67,7 +69,7 @@ def test_max_minutes_stop_is_agreed_by_every_rank(tmp_path):
     data = multi30k_dir()
     proc, _ = _torchrun(tmp_path, _SKEWED_CLOCK, tmp_path, data, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    stops = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("stop"))
+    stops = sorted((tmp_path / f"stop{r}").read_text().split() for r in (0, 1) if (tmp_path / f"stop{r}").exists())
     assert stops == [["0", "max_minutes", "1"], ["1", "max_minutes", "1"]], proc.stdout
 
 

@@ -56,9 +56,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(sub) -> None:
-    from .train import TrainArgs
+    from .train import ARCHS, LR_SCHEDULERS, TrainArgs
     d = TrainArgs()
-    from .train import ARCHS
     p = sub.add_parser("train", help="train on Multi30k or one's own parallel corpus", description=(
         "Train ConvS2S on Multi30k task 1 (--data) or on one's own files (--train PREFIX --valid PREFIX: "
         "PREFIX.<src-lang> and PREFIX.<tgt-lang>, plain or .gz, one sentence a line). Launch with torchrun "
@@ -113,9 +112,15 @@ def _add_train(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--clip-norm", type=float, default=d.clip_norm)
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=LR_SCHEDULERS,
+                   help="plateau (default: x --lr-shrink when the validation loss stops improving), inverse_sqrt, "
+                   "or cosine (to 0 at --max-updates); each after --warmup-updates of linear warmup")
+    p.add_argument("--warmup-updates", type=_at_least(0), default=d.warmup_updates,
+                   help="linear lr warmup over the first N updates (default 0)")
     p.add_argument("--lr-shrink", type=float, default=d.lr_shrink,
-                   help="lr multiplier when the validation loss stops improving")
-    p.add_argument("--min-lr", type=float, default=None, help="stop below this lr (default lr * 1e-4)")
+                   help="plateau: lr multiplier when the validation loss stops improving")
+    p.add_argument("--min-lr", type=float, default=None,
+                   help="plateau: stop below this lr (default lr * 1e-4)")
     g.add_argument("--dropout", type=float, default=None, help="override the arch's dropout")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="sentencepiece vocabulary per model")
     p.add_argument("--spm-type", default=d.spm_type, choices=("bpe", "unigram"))

@@ -88,8 +88,11 @@ class TrainArgs:
     weight_decay: float = 0.0
     clip_norm: float = 0.1
     label_smoothing: float = 0.1
-    lr_shrink: float = 0.1            # lr multiplier when the validation loss did not improve
-    min_lr: float | None = None       # stop below this lr; None = lr * 1e-4 (four plateaus)
+    lr_scheduler: str = "plateau"     # plateau (x lr_shrink at epoch ends without improvement) | inverse_sqrt |
+                                      # cosine (to 0 at max_updates); each after warmup_updates of linear warmup
+    warmup_updates: int = 0           # lr rises linearly from lr / warmup_updates to lr over these updates
+    lr_shrink: float = 0.1            # plateau: lr multiplier when the validation loss did not improve
+    min_lr: float | None = None       # plateau: stop below this lr; None = lr * 1e-4 (four plateaus)
     dropout: float | None = None      # None: the preset's
     # Architecture overrides (None: the arch's), fairseq's option names; layer strings as fairseq writes them.
     encoder_layers: str | None = None          # e.g. "[(512, 3)] * 9 + [(1024, 3)] * 4 + [(2048, 1)] * 2"
@@ -187,6 +190,26 @@ def model_fields(args: TrainArgs, arch: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- RNG state
+
+LR_SCHEDULERS = ("plateau", "inverse_sqrt", "cosine")
+
+
+def scheduled_lr(kind: str, base: float, update: int, warmup: int, max_updates: int) -> float:
+    """The lr of update number `update` (1-based) under schedule `kind`, `base` being the peak lr (for plateau:
+    the lr after its shrinks so far). Warmup: linear, base * update / warmup for update <= warmup. Then plateau
+    keeps base; inverse_sqrt gives base * sqrt(warmup / update) (fairseq's, base from update 1 if warmup is 0);
+    cosine falls from base to 0 at max_updates (half a cosine period)."""
+    if warmup > 0 and update <= warmup:
+        return base * update / warmup
+    if kind == "plateau":
+        return base
+    if kind == "inverse_sqrt":
+        return base * math.sqrt(max(warmup, 1) / update)
+    if kind == "cosine":
+        progress = min(1.0, (update - warmup) / max(max_updates - warmup, 1))
+        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {kind!r}")
+
 
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
@@ -342,6 +365,12 @@ def _train(args: TrainArgs) -> TrainResult:
         raise ValueError("give either --data (Multi30k) or --train/--valid (one's own files), not both")
     if args.update_freq < 1:
         raise ValueError(f"update_freq must be >= 1 (batches per update), got {args.update_freq}")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {args.lr_scheduler!r}")
+    if args.lr_scheduler == "cosine" and args.max_updates <= 0:
+        raise ValueError("lr_scheduler cosine decays to 0 at --max-updates: give --max-updates")
+    if args.warmup_updates < 0:
+        raise ValueError(f"warmup_updates must be >= 0, got {args.warmup_updates}")
     lr0 = args.lr if args.lr is not None else {"nag": 0.25, "adam": 5e-4}[args.optimizer]
     min_lr = args.min_lr if args.min_lr is not None else lr0 * 1e-4
 
@@ -423,8 +452,13 @@ def _train(args: TrainArgs) -> TrainResult:
         opt.load_state_dict(ckpt["optimizer"])
         state.update(ckpt["train_state"])
         _set_rng_state(ckpt["rng"][d.rank], device)
-    for g in opt.param_groups:
-        g["lr"] = state["lr"]
+
+    def set_lr(update: int) -> float:
+        lr = scheduled_lr(args.lr_scheduler, state["lr"], update, args.warmup_updates, args.max_updates)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        return lr
+    lr_now = set_lr(state["updates"] + 1)
 
     def checkpoint() -> dict:
         rng = [_rng_state(device)]
@@ -469,7 +503,8 @@ def _train(args: TrainArgs) -> TrainResult:
         tqdm.write(f"convs2s train: {args.src_lang}->{args.tgt_lang}, preset {preset} ({n_params / 1e6:.2f}M "
                    f"parameters), {len(train_ds)} training pairs ({data_mod.describe_filter(dropped, n_train)}), vocab "
                    f"{tok.src_vocab_size}/{tok.tgt_vocab_size}, device {device}, world size {d.world_size}, "
-                   f"{args.optimizer} lr {state['lr']:g}")
+                   f"{args.optimizer} lr {state['lr']:g}, {args.lr_scheduler} schedule"
+                   + (f", {args.warmup_updates} warmup updates" if args.warmup_updates else ""))
         log.write({"type": "start", "args": dataclasses.asdict(args), "preset": preset, "params": n_params,
                    "train_pairs": len(train_ds), "dropped": dropped,
                    "device": str(device), "world_size": d.world_size, "resumed_at": state["updates"]
@@ -508,6 +543,7 @@ def _train(args: TrainArgs) -> TrainResult:
             ntokens = sum(b.ntokens for b in batches)
             ntok = all_reduce_sum(torch.tensor([float(ntokens)], device=device), d)
             update_loss = torch.zeros((), device=device)
+            lr_now = set_lr(state["updates"] + 1)
             for i, b in enumerate(batches):
                 # Gradients of the update's batches accumulate locally; DDP all-reduces after the last one.
                 last = i == len(batches) - 1
@@ -537,12 +573,12 @@ def _train(args: TrainArgs) -> TrainResult:
                 loss_sum, nll_sum, ntok_sum = all_reduce_sum(interval, d).tolist()
                 rec = {"type": "train", "epoch": state["epoch"], "update": state["updates"],
                        "loss": loss_sum / ntok_sum, "nll_loss": nll_sum / ntok_sum,
-                       "ppl": math.exp(nll_sum / ntok_sum), "lr": state["lr"], "gnorm": float(gnorm),
+                       "ppl": math.exp(nll_sum / ntok_sum), "lr": lr_now, "gnorm": float(gnorm),
                        "tokens_per_s": ntok_sum / max(now - t_interval, 1e-9),
                        "wall_s": round(now - t_start, 2)}
                 log.write(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}",
-                                tok_s=f"{rec['tokens_per_s']:.0f}", lr=f"{state['lr']:.3g}")
+                                tok_s=f"{rec['tokens_per_s']:.0f}", lr=f"{lr_now:.3g}")
                 interval.zero_()
                 t_interval = now
             # Every rank must take the same stop decision at the same update, or they wait in different
@@ -567,13 +603,11 @@ def _train(args: TrainArgs) -> TrainResult:
         if epoch_done:
             if last_valid["loss"] < state["plateau_best"]:
                 state["plateau_best"] = last_valid["loss"]
-            else:
+            elif args.lr_scheduler == "plateau":
                 state["lr"] *= args.lr_shrink
-                for g in opt.param_groups:
-                    g["lr"] = state["lr"]
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-            if stop_reason is None and state["lr"] < min_lr:
+            if stop_reason is None and args.lr_scheduler == "plateau" and state["lr"] < min_lr:
                 stop_reason = "min_lr"
         save(best=improved)
 
@@ -584,7 +618,7 @@ def _train(args: TrainArgs) -> TrainResult:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "world_size": d.world_size, "params": n_params, "optimizer": args.optimizer, "stop_reason": stop_reason,
         "epochs_completed": state["epoch"] - 1, "updates": state["updates"], "wall_s": round(wall, 2),
-        "train_s": round(loop_s, 2), "train_tokens_per_s": tokens_done / max(loop_s, 1e-9), "lr": state["lr"],
+        "train_s": round(loop_s, 2), "train_tokens_per_s": tokens_done / max(loop_s, 1e-9), "lr": lr_now,
         "best_val_loss": state["best_val"],
         "val_loss": last_valid.get("loss"), "val_ppl": last_valid.get("ppl"), "val_bleu": last_valid.get("bleu"),
         "val_bleu_signature": last_valid.get("bleu_signature"), "torch": torch.__version__,

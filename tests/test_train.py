@@ -16,7 +16,7 @@ from convs2s import data as D
 from convs2s.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from convs2s.evaluate import evaluate
 from convs2s.generate import translate
-from convs2s.train import TrainArgs, label_smoothed_nll_loss, train
+from convs2s.train import TrainArgs, label_smoothed_nll_loss, scheduled_lr, train
 from tests.multi30k import multi30k_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")     # see tests/conftest.py
@@ -132,6 +132,52 @@ def test_label_smoothed_loss_matches_formula():
     q = torch.full((3, 7), 0.1 / 6)
     q[torch.arange(3), t] = 0.9
     torch.testing.assert_close(loss, -(q * lp).sum())
+
+
+# ------------------------------------------------------------------------------------------ lr schedules
+
+def test_scheduled_lr_formulas():
+    assert [scheduled_lr("plateau", 1.0, u, 4, 0) for u in (1, 2, 4, 5, 100)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert scheduled_lr("plateau", 0.3, 1, 0, 0) == 0.3
+    # inverse_sqrt: continuous at the end of warmup, then base * sqrt(warmup / update)
+    assert scheduled_lr("inverse_sqrt", 2.0, 16, 16, 0) == 2.0
+    assert scheduled_lr("inverse_sqrt", 2.0, 64, 16, 0) == pytest.approx(1.0)
+    assert scheduled_lr("inverse_sqrt", 2.0, 4, 0, 0) == pytest.approx(1.0)
+    # cosine: base at the end of warmup, half at the midpoint, 0 at max_updates and after
+    assert scheduled_lr("cosine", 1.0, 10, 10, 110) == 1.0
+    assert scheduled_lr("cosine", 1.0, 60, 10, 110) == pytest.approx(0.5)
+    assert scheduled_lr("cosine", 1.0, 110, 10, 110) == pytest.approx(0.0, abs=1e-12)
+    assert scheduled_lr("cosine", 1.0, 200, 10, 110) == pytest.approx(0.0, abs=1e-12)
+    lrs = [scheduled_lr("cosine", 1.0, u, 10, 110) for u in range(1, 111)]
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10])) and all(a > b for a, b in zip(lrs[9:], lrs[10:]))
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        scheduled_lr("linear", 1.0, 1, 0, 10)
+
+
+def test_logged_lr_follows_the_cosine_schedule_and_resume_is_exact(tmp_path):
+    kw = dict(train_subset=24, vocab_size=200, max_tokens=300, log_interval=1, deterministic=True, val_subset=8,
+              optimizer="adam", lr=0.002, lr_scheduler="cosine", warmup_updates=4)
+    full = train(_args(tmp_path / "full", max_updates=14, **kw))
+    a = [(r["update"], r["loss"], r["lr"]) for r in _records(tmp_path / "full", "train")]
+    assert [lr for _, _, lr in a] == pytest.approx([scheduled_lr("cosine", 0.002, u, 4, 14) for u in range(1, 15)])
+    assert full.metrics["stop_reason"] == "max_updates"      # the lr reached 0: no min-lr stop on this schedule
+    # Interrupted by an epoch limit: the cosine horizon is --max-updates, so the first part keeps max_updates=14.
+    part = train(_args(tmp_path / "split", max_updates=14, max_epochs=2, **kw))
+    assert part.metrics["stop_reason"] == "max_epochs" and 0 < part.metrics["updates"] < 14
+    resumed = train(_args(tmp_path / "split", max_updates=14, resume="", **kw))
+    b = [(r["update"], r["loss"], r["lr"]) for r in _records(tmp_path / "split", "train")]
+    assert b == a
+    for (k, v), w in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_bad_schedule_options_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="give --max-updates"):
+        train(_args(tmp_path / "a", lr_scheduler="cosine", max_epochs=1))
+    with pytest.raises(ValueError, match="lr_scheduler must be"):
+        train(_args(tmp_path / "b", lr_scheduler="step", max_updates=1))
+    with pytest.raises(ValueError, match="warmup_updates"):
+        train(_args(tmp_path / "c", warmup_updates=-1, max_updates=1))
 
 
 # ------------------------------------------------------------------------------------------ resume

@@ -12,9 +12,6 @@ CONVS2S_TRITON_AUTOTUNE=0).
 """
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +20,7 @@ from hypothesis import strategies as st
 
 from convs2s.ops import conv_attention, conv_attention_ref
 from tests.conftest import backend_param
+from tests.ops.sm90 import run_script
 from tests.tolerance import assert_close_rule
 
 INPUTS = ("x", "target_embedding", "encoder_keys", "encoder_values", "w_in", "b_in", "w_out", "b_out")
@@ -644,31 +642,22 @@ def test_every_config(backend, device, kernel, index, strategy, monkeypatch):
 
 
 _SM90_COMPILE = """
-import os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys
 from convs2s.kernels import conv_attention as k
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+from tests.ops.sm90 import usage
 fp32 = ("rs_ptr", "delta_ptr", "dextra_ptr")
 name, configs = sys.argv[1], getattr(k, sys.argv[2])
 fn = getattr(k, name)
 for cfg in configs:
-  for optional in (True, False):  # weights / dL/dp on (compiles?), off (the training path: spills?)
-    flags = dict(QK_SCALE=k.QK_SCALE_LOG2, Q_SCALE=k.SQRT_HALF, HAS_MASK=True, HAS_DA=optional,
-                 NEED_WEIGHTS=optional, DOT_PRECISION="tf32", DOT_FP32=False, **cfg.kwargs)
-    sig = {n: "constexpr" if n in flags else "*fp64" if n == "lse_ptr" else "*fp32" if n in fp32
-           else "*u8" if n == "mask_ptr" else "*bf16" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
-    const = {n: flags[n] for n in fn.arg_names if n in flags}
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    if optional:
-        continue
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    print(name, cfg, " ".join(re.findall(r"(?:REG|STACK):\\d+", usage)))
+    for optional in (True, False):  # weights / dL/dp on (compiles?), off (the training path: spills?)
+        flags = dict(QK_SCALE=k.QK_SCALE_LOG2, Q_SCALE=k.SQRT_HALF, HAS_MASK=True, HAS_DA=optional,
+                     NEED_WEIGHTS=optional, DOT_PRECISION="tf32", DOT_FP32=False, **cfg.kwargs)
+        sig = {n: "constexpr" if n in flags else "*fp64" if n == "lse_ptr" else "*fp32" if n in fp32
+               else "*u8" if n == "mask_ptr" else "*bf16" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
+        const = {n: flags[n] for n in fn.arg_names if n in flags}
+        text = usage(fn, sig, const, None, cfg.num_warps, cfg.num_stages)
+        if not optional:
+            print(name, cfg, text)
 """
 
 
@@ -677,18 +666,10 @@ for cfg in configs:
 def test_every_config_compiles_for_sm90_without_spills(backend, device, kernel, configs):
     """Compile every GPU config of one kernel in bf16 for sm_90 with triton's own ptxas, no GPU needed: with the
     optional inputs (weights, dL/dp) on, it must compile (the interpreter accepts what the GPU compiler may not:
-    tl.dot tiles < 16, layout errors); with them off (the training path) it must not spill registers. In a
-    subprocess: triton cannot compile in a process that imported it with TRITON_INTERPRET=1."""
+    tl.dot tiles < 16, layout errors); with them off (the training path) it must not spill registers
+    (tests/ops/sm90.py)."""
     from convs2s.kernels import conv_attention as k
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    r = subprocess.run([sys.executable, "-c", _SM90_COMPILE, kernel, configs], capture_output=True, text=True,
-                       env=env, timeout=900)
-    print(r.stdout, r.stderr[-3000:])
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = r.stdout.strip().splitlines()
-    assert len(lines) == len(getattr(k, configs)) and all("STACK:" in line for line in lines), r.stdout
-    for line in lines:
-        assert "STACK:0" in line.split() and line.count("STACK:") == 1, f"register spills: {line}"
+    run_script(_SM90_COMPILE, kernel, configs, lines=len(getattr(k, configs)))
 
 
 @pytest.mark.parametrize("backend,device", [backend_param("triton", "cpu")])

@@ -10,8 +10,6 @@ each axis rather than the full cross product.
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,6 +24,7 @@ from convs2s.ops import (
     tbc_weight_to_conv1d,
 )
 from tests.conftest import backend_param
+from tests.ops.sm90 import run_script
 from tests.tolerance import assert_close_rule
 
 FUSED = ("native", "triton")
@@ -507,22 +506,17 @@ def test_every_gpu_config_cuda(kernel, index, monkeypatch):
 
 
 _SM90_COMPILE = """
-import os, re, subprocess, tempfile
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from convs2s.kernels import glu_conv as K
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+from tests.ops.sm90 import specialize, usage
 flags = dict(KSIZE=3, PAD_L=2, HAS_BIAS=True, HAS_RES=True, STORE_Y=True, STORE_H=True, DOT_FP32=False,
              INPUT_PRECISION="tf32", GROUP_M=8)
-# The integer arguments of a launch at B=16 T=512 C_in=C_out=512 k=3 on contiguous tensors, specialized as the JIT
-# specializes them: 1 becomes a constant, multiples of 16 get the divisibility hint (so do the pointers).
+# The integer arguments of a launch at B=16 T=512 C_in=C_out=512 k=3 on contiguous tensors.
 M, T, C, N2 = 16 * 512, 512, 512, 1024
 ints = dict(M=M, T=T, C_in=C, C_out=C, M_BUCKET=M, ROWS_PER_SPLIT=1024,
             stride_xb=T * C, stride_xt=C, stride_xc=1, stride_wk=C * N2, stride_wc=N2, stride_wn=1,
             stride_rb=T * C, stride_rt=C, stride_rc=1, stride_ds=3 * C * N2, stride_dk=C * N2, stride_dc=N2,
-            stride_dn=1)
-ints.update(stride_dyb=T * C, stride_dyt=C, stride_dyc=1)
+            stride_dn=1, stride_dyb=T * C, stride_dyt=C, stride_dyc=1)
 # Each autotuned kernel's GPU configs and ONE_CONFIG (CONVS2S_TRITON_AUTOTUNE=0); the GLU-gradient pass's fixed one.
 glu_bwd = triton.Config(dict(BLOCK_M=32, BLOCK_N=128, STORE_DB=True, STORE_DRES=True), num_warps=4)
 kernels = [(name, getattr(K, name).fn, getattr(K, configs) + [K.ONE_CONFIG])
@@ -530,22 +524,11 @@ kernels = [(name, getattr(K, name).fn, getattr(K, configs) + [K.ONE_CONFIG])
                                  ("DW_CONFIGS", "_dw_kernel"))] + [("_glu_bwd_kernel", K._glu_bwd_kernel, [glu_bwd])]
 for name, fn, cfgs in kernels:
     for cfg in cfgs:
-        const = {n: v for n, v in {**flags, **cfg.kwargs}.items() if n in fn.arg_names}
-        const.update({n: 1 for n in fn.arg_names if ints.get(n) == 1})
         # bf16 tensors; dW's output is the fp32 split-M partials (its usual case on a GPU), db's partials are fp32
-        sig = {n: "constexpr" if n in const else "*fp32" if n in ("dw_ptr", "dbp_ptr") else "*bf16"
-               if n.endswith("_ptr") else "i32" for n in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                 if n not in const and (n.endswith("_ptr") or ints[n] % 16 == 0)}
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                                  target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compiled.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                                   text=True).stdout
-        print(name, cfg.kwargs, cfg.num_warps, cfg.num_stages, " ".join(re.findall(r"(?:REG|STACK):\\d+", usage)))
+        sig, const, attrs = specialize(fn, {**flags, **cfg.kwargs}, ints,
+                                       lambda n: "*fp32" if n in ("dw_ptr", "dbp_ptr") else "*bf16")
+        print(name, cfg.kwargs, cfg.num_warps, cfg.num_stages,
+              usage(fn, sig, const, attrs, cfg.num_warps, cfg.num_stages))
 """
 
 
@@ -553,18 +536,10 @@ for name, fn, cfgs in kernels:
 def test_every_config_compiles_for_sm90_without_spills():
     """Every GPU config of every glu_conv kernel (the autotuned ones' lists and ONE_CONFIG, the GLU-gradient pass's
     fixed config), compiled in bf16 for sm_90 with Triton's own ptxas (no GPU needed): it must compile (the
-    interpreter accepts what the GPU compiler may not) and not spill registers.
-    In a subprocess: triton cannot compile in a process that imported it with TRITON_INTERPRET=1."""
+    interpreter accepts what the GPU compiler may not) and not spill registers (tests/ops/sm90.py)."""
     from convs2s.kernels import glu_conv as K
     n_configs = sum(len(getattr(K, c)) + 1 for c, _ in KERNEL_CONFIGS) + 1       # + ONE_CONFIG each, + GLU pass
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    r = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env, timeout=900)
-    print(r.stdout, r.stderr[-3000:])
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = r.stdout.strip().splitlines()
-    assert len(lines) == n_configs and all("STACK:" in line for line in lines), r.stdout
-    for line in lines:
-        assert "STACK:0" in line.split() and line.count("STACK:") == 1, f"register spills: {line}"
+    run_script(_SM90_COMPILE, lines=n_configs)
 
 
 @pytest.mark.parametrize("backend,device", params(["triton"]))

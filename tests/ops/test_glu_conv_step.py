@@ -10,15 +10,13 @@ interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small.
 """
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from convs2s.ops import glu_conv, glu_conv_ref, glu_conv_step, glu_conv_step_ref
 from tests.conftest import backend_param
+from tests.ops.sm90 import run_script
 from tests.tolerance import assert_close_rule
 
 BACKENDS = ("reference", "native", "triton")
@@ -304,14 +302,10 @@ def test_torch_compile_fullgraph(backend, device):
 # ---- Triton: every GPU config compiles for sm_90 without spills ------------------------------------------------
 
 _SM90_COMPILE = """
-import os, re, subprocess, tempfile
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from convs2s.kernels import glu_conv_step as K
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-# The integer arguments of a launch at B=64 C_in=C_out=512 k=3 on contiguous tensors, specialized as the JIT
-# specializes them: 1 becomes a constant, multiples of 16 get the divisibility hint (so do the pointers).
+from tests.ops.sm90 import specialize, usage
+# The integer arguments of a launch at B=64 C_in=C_out=512 k=3 on contiguous tensors.
 B, C, N2 = 64, 512, 1024
 ints = dict(B=B, C_in=C, C_out=C, B_BUCKET=B, stride_xb=C, stride_xc=1, stride_wk=C * N2, stride_wc=N2,
             stride_wn=1, stride_bn=1, stride_rb=C, stride_rc=1)
@@ -321,22 +315,9 @@ for dtype in ("bf16", "fp32"):
     for name, fn, cfgs in (("_step_kernel", K._step_kernel.fn, K.STEP_CONFIGS + [K.ONE_CONFIG]),
                            ("_shift_kernel", K._shift_kernel, [shift])):
         for cfg in cfgs:
-            const = {n: v for n, v in {**flags, **cfg.kwargs}.items() if n in fn.arg_names}
-            const.update({n: 1 for n in fn.arg_names if ints.get(n) == 1})
-            sig = {n: "constexpr" if n in const else f"*{dtype}" if n.endswith("_ptr") else "i32"
-                   for n in fn.arg_names}
-            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                     if n not in const and (n.endswith("_ptr") or ints[n] % 16 == 0)}
-            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                                      target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(compiled.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                                       text=True).stdout
+            sig, const, attrs = specialize(fn, {**flags, **cfg.kwargs}, ints, lambda n: f"*{dtype}")
             print(name, dtype, cfg.kwargs, cfg.num_warps, cfg.num_stages,
-                  " ".join(re.findall(r"(?:REG|STACK):\\d+", usage)))
+                  usage(fn, sig, const, attrs, cfg.num_warps, cfg.num_stages))
 """
 
 
@@ -344,17 +325,9 @@ for dtype in ("bf16", "fp32"):
 def test_every_config_compiles_for_sm90_without_spills():
     """Every GPU config of the step kernel (STEP_CONFIGS and ONE_CONFIG) and the shift kernel, compiled in bf16 and
     fp32 for sm_90 with Triton's own ptxas (no GPU needed): it must compile (the interpreter accepts what the GPU
-    compiler may not) and not spill registers.
-    In a subprocess: triton cannot compile in a process that imported it with TRITON_INTERPRET=1."""
+    compiler may not) and not spill registers (tests/ops/sm90.py)."""
     from convs2s.kernels import glu_conv_step as K
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    r = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env, timeout=900)
-    print(r.stdout, r.stderr[-3000:])
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = r.stdout.strip().splitlines()
-    assert len(lines) == 2 * (len(K.STEP_CONFIGS) + 2), r.stdout
-    for line in lines:
-        assert "STACK:0" in line.split() and line.count("STACK:") == 1, f"register spills: {line}"
+    run_script(_SM90_COMPILE, lines=2 * (len(K.STEP_CONFIGS) + 2))
 
 
 # ---- bad inputs reaching the native op's C++ checks directly (the public op's Python checks bypassed) -----------

@@ -1,9 +1,11 @@
-"""bench/train_levers.py: the table of runs that differ in one setting, read from their train logs."""
+"""The training tools of bench/: train_levers (the table of runs that differ in one setting, from their train
+logs) and profile_train (where a training step's time goes)."""
 
 import json
 
 import pytest
 
+from bench import profile_train
 from bench.train_levers import main, read_run, table
 
 
@@ -37,3 +39,13 @@ def test_changes_against_the_baseline_and_the_last_validation(tmp_path, capsys):
     assert "(baseline)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--runs", str(base)])
+
+
+def test_profile_train_ranks_the_ops_of_a_training_step(tmp_path):
+    out = tmp_path / "p.json"
+    profile_train.main(["--preset", "tiny", "--batch", "3", "7", "5", "--steps", "2", "--top", "4", "--out", str(out)])
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["batch"] == [3, 7, 5] and r["step_s_profiled"] > 0
+    assert r["target_tokens_per_s_profiled"] == pytest.approx(15 / r["step_s_profiled"])
+    shares = [o["self_cpu_share"] for o in r["ops"]]
+    assert len(shares) == 4 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1

@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "device_check.sh")
 ALL_BUT_ENV = ["--skip", "build", "--skip", "tests", "--skip", "bench_ops", "--skip", "sanitizer",
-               "--skip", "bench_model", "--skip", "train"]
+               "--skip", "bench_model", "--skip", "train", "--skip", "recipe"]
 
 
 def run(*args, timeout=120):
@@ -31,7 +31,7 @@ def test_dry_run_writes_summary_and_archive(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     summary = (tmp_path / "summary.txt").read_text()
     assert summary.splitlines()[1].split()[:2] == ["env", "ok"], summary
-    for name in ("build", "tests", "bench_ops", "sanitizer", "bench_model", "train"):
+    for name in ("build", "tests", "bench_ops", "sanitizer", "bench_model", "train", "recipe"):
         assert f"{name}" in summary and "--skip" in summary
     with tarfile.open(tmp_path / "device_check.tar.gz") as t:
         names = t.getnames()
@@ -42,11 +42,11 @@ def test_budget_exhaustion_skips_steps(tmp_path):
     r = run(str(tmp_path), "--dry-run", "--budget", "5")
     assert r.returncode == 0, r.stdout + r.stderr
     summary = (tmp_path / "summary.txt").read_text()
-    assert summary.count("out of budget") == 7, summary
+    assert summary.count("out of budget") == 8, summary
 
 
 ALL_BUT_BENCH_MODEL = ["--skip", "env", "--skip", "build", "--skip", "tests", "--skip", "bench_ops",
-                       "--skip", "sanitizer", "--skip", "train"]
+                       "--skip", "sanitizer", "--skip", "train", "--skip", "recipe"]
 
 
 def _stub_python(tmp_path, sleep_on: str = ""):
@@ -93,16 +93,19 @@ def _plan(*args):
     return {k: int(v) for k, v in caps.items()}
 
 
-def test_two_call_plan_fits_the_tool_limit():
-    """Call 1 (build + tests + sanitizer) and call 2 (benchmarks + training; build is a check of seconds on the
-    warm machine call 1 built) each fit 470 s, under the device tool's 480 s per call."""
-    one, two = _plan("--call", "1"), _plan("--call", "2")
+def test_call_plans_fit_the_tool_limit():
+    """Call 1 (build + tests + sanitizer), call 2 (benchmarks + training) and call 3 (make train's GPU recipe; in
+    both, build is a check of seconds on the warm machine call 1 built) each fit 470 s, under the device tool's
+    480 s per call."""
+    one, two, three = _plan("--call", "1"), _plan("--call", "2"), _plan("--call", "3")
     assert list(one) == ["env", "build", "tests", "sanitizer", "total"]
     assert list(two) == ["env", "build", "bench_ops", "bench_model", "train", "total"]
     assert one["total"] <= 470 and one["tests"] >= 150 and one["build"] >= 200
     assert two["total"] - two["build"] + 20 <= 470 and two["train"] >= 120 + 20    # 2 minutes of training
-    assert _plan()["total"] == one["total"] + two["total"] - one["env"] - one["build"]   # every step in one call or
-                                                                                          # the other
+    assert list(three) == ["env", "build", "recipe", "total"]
+    assert three["total"] - three["build"] + 20 <= 470 and three["recipe"] >= 400
+    # every step in exactly one call
+    assert _plan()["total"] == one["total"] + two["total"] + three["total"] - 2 * (one["env"] + one["build"])
 
 
 def _stub_env(tmp_path):
@@ -156,3 +159,22 @@ def test_gpu_record_prints_only_green_suites(tmp_path):
     exec("GPU_VALIDATED = {\n" + text + "\n}", ns)       # the printed lines are the Python to paste
     (entry,) = ns["GPU_VALIDATED"][("conv_attention", "native")]
     assert entry["commit"] == "abc1234" and set(entry) == {"arch", "gpu", "commit", "date", "versions", "tests"}
+
+
+def test_recipe_step_trains_with_the_makefiles_recipe_then_scores_both_test_sets(tmp_path):
+    """Call 3 (a stub interpreter, data present): one `convs2s train` on the multi30k preset with the Makefile's
+    TRAIN_RECIPE options, then beam-5 evaluations of its best.pt on test_2016_flickr and test_2017_flickr."""
+    import re
+    recipe = re.search(r"^TRAIN_RECIPE \?= (.+)$", open(os.path.join(ROOT, "Makefile")).read(), re.M).group(1)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.de.gz").write_bytes(b"")
+    env, calls = _stub_env(tmp_path)
+    skip = ["--skip", "env", "--skip", "build"]
+    r = subprocess.run(["bash", SCRIPT, str(tmp_path / "out"), "--call", "3", *skip], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT, env={**env, "CONVS2S_DATA": str(data)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    train, *evals = calls.read_text().splitlines()
+    assert "-m convs2s train --preset multi30k" in train and f" {recipe} " in train and "--max-updates 3000" in train
+    assert [e.split("--split ")[1].split()[0] for e in evals] == ["test_2016_flickr", "test_2017_flickr"]
+    assert all("--beam 5" in e and "recipe/best.pt" in e for e in evals), evals

@@ -75,16 +75,16 @@ bench-vs-fairseq: $(FAIRSEQ_VENV)/.deps install
 # checkpoints, train_log.jsonl, train/test metrics JSON.
 # TRAIN_RECIPE: the optimizer settings chosen on validation (issue 20; bench/device_check.sh --call 3 reads this
 # line for the GPU recipe).
-TRAIN_RECIPE ?= --lr 5e-4 --lr-scheduler plateau
+TRAIN_RECIPE ?= --lr 1e-3 --lr-scheduler plateau
 train: RUN_DIR = $(or $(RUN),runs/multi30k-de-en)
 train: install
 	$(PY) -m convs2s train --preset auto $(if $(DATA),--data $(DATA),) --src-lang de --tgt-lang en \
 		--save-dir $(RUN_DIR) --max-updates $(or $(TRAIN_UPDATES),600) --max-minutes $(or $(TRAIN_MINUTES),120) \
-		$(TRAIN_RECIPE) --num-threads 1 --metrics-json $(RUN_DIR)/train_metrics.json
+		$(TRAIN_RECIPE) --metrics-json $(RUN_DIR)/train_metrics.json
 	$(PY) -m convs2s evaluate --checkpoint $(RUN_DIR)/best.pt --split test_2016_flickr $(if $(DATA),--data $(DATA),) \
-		--beam 5 --lenpen 1.2 --num-threads 1 --examples 5 --metrics-json $(RUN_DIR)/test_metrics.json
+		--beam 5 --lenpen 1.2 --examples 5 --metrics-json $(RUN_DIR)/test_metrics.json
 	$(PY) -m convs2s evaluate --checkpoint $(RUN_DIR)/best.pt --split test_2017_flickr $(if $(DATA),--data $(DATA),) \
-		--beam 5 --lenpen 1.2 --num-threads 1 --metrics-json $(RUN_DIR)/test_2017_metrics.json
+		--beam 5 --lenpen 1.2 --metrics-json $(RUN_DIR)/test_2017_metrics.json
 
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)

@@ -316,6 +316,7 @@ def train(args: TrainArgs) -> TrainResult:
 
 def _train(args: TrainArgs) -> TrainResult:
     t_start = time.time()
+    commit = _git_commit()            # the code this run started with (a checkout may move on while it trains)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     d, device = init_distributed(args.device)
@@ -507,7 +508,7 @@ def _train(args: TrainArgs) -> TrainResult:
                    + (f", {args.warmup_updates} warmup updates" if args.warmup_updates else ""))
         log.write({"type": "start", "args": dataclasses.asdict(args), "preset": preset, "params": n_params,
                    "train_pairs": len(train_ds), "dropped": dropped,
-                   "device": str(device), "world_size": d.world_size, "resumed_at": state["updates"]
+                   "device": str(device), "world_size": d.world_size, "commit": commit, "resumed_at": state["updates"]
                    if ckpt is not None else None})
 
     deadline = t_start + args.max_minutes * 60 if args.max_minutes > 0 else math.inf
@@ -622,7 +623,7 @@ def _train(args: TrainArgs) -> TrainResult:
         "best_val_loss": state["best_val"],
         "val_loss": last_valid.get("loss"), "val_ppl": last_valid.get("ppl"), "val_bleu": last_valid.get("bleu"),
         "val_bleu_signature": last_valid.get("bleu_signature"), "torch": torch.__version__,
-        "commit": _git_commit(), "save_dir": str(save_dir),
+        "commit": commit, "save_dir": str(save_dir),
     }
     if d.main:
         log.write({"type": "end", **metrics})

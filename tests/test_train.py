@@ -56,6 +56,8 @@ def test_loss_falls_by_half(trained):
     valid = _records(save_dir, "valid")
     assert valid and all("bleu" in v and "bleu_signature" in v for v in valid)
     assert json.loads((save_dir / "metrics.json").read_text())["updates"] == 300
+    # The commit is read once, at the start, so the record names the code that trained.
+    assert _records(save_dir, "start")[0]["commit"] == result.metrics["commit"]
 
 
 def test_checkpoint_holds_config_tokenizer_weights_optimizer_rng(trained):

@@ -75,7 +75,7 @@ bench-vs-fairseq: $(FAIRSEQ_VENV)/.deps install
 # checkpoints, train_log.jsonl, train/test metrics JSON.
 # TRAIN_RECIPE: the optimizer settings chosen on validation (issue 20; bench/device_check.sh --call 3 reads this
 # line for the GPU recipe).
-TRAIN_RECIPE ?= --lr 1e-3 --lr-scheduler plateau
+TRAIN_RECIPE ?= --lr 2e-3 --lr-scheduler plateau
 train: RUN_DIR = $(or $(RUN),runs/multi30k-de-en)
 train: install
 	$(PY) -m convs2s train --preset auto $(if $(DATA),--data $(DATA),) --src-lang de --tgt-lang en \

@@ -68,13 +68,13 @@ bench-vs-fairseq: $(FAIRSEQ_VENV)/.deps install
 	PYTHONPATH=$(CURDIR) $(FAIRSEQ_VENV)/bin/python -W ignore -m bench.bench_vs_fairseq $(BENCH_ARGS)
 
 # Multi30k De->En: preset auto = "multi30k" on a GPU, "small" on a CPU, for a fixed budget of TRAIN_UPDATES
-# updates (default 600, about 20 minutes on this project's idle 2-core CPU: the update count, not the clock, fixes
+# updates (default 600, about 23 minutes on this project's idle 2-core CPU: the update count, not the clock, fixes
 # the model, so a busy or slower machine trains the same one, only later; TRAIN_MINUTES, default 120, is a safety
 # net); then best.pt with beam 5 (length penalty 1.2, tuned on validation) scored on test_2016_flickr and
 # test_2017_flickr (sacreBLEU + chrF), and five example translations. Run folder RUN (default runs/multi30k-de-en):
 # checkpoints, train_log.jsonl, train/test metrics JSON.
-# TRAIN_RECIPE: the optimizer settings chosen on validation (issue 20; bench/device_check.sh --call 3 reads this
-# line for the GPU recipe).
+# TRAIN_RECIPE: the optimizer settings, chosen on validation (bench/results/2026-12-02-cpu-train-levers.json);
+# bench/device_check.sh --call 3 reads this line for the GPU recipe.
 TRAIN_RECIPE ?= --lr 2e-3 --lr-scheduler plateau
 train: RUN_DIR = $(or $(RUN),runs/multi30k-de-en)
 train: install

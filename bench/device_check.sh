@@ -12,7 +12,7 @@
 #           passed are printed (OUT_DIR/gpu_record.txt), to commit into convs2s/ops/_backend.py.
 # --call 2  benchmarks (autotuning on) + a 2-minute training run; build is skipped when the extension is already
 #           built with CUDA (a warm machine keeps call 1's build; a fresh one rebuilds).
-# --call 3  make train's GPU recipe (issue 20): the Makefile's TRAIN_RECIPE on the multi30k preset for
+# --call 3  make train's GPU recipe: the Makefile's TRAIN_RECIPE on the multi30k preset for
 #           RECIPE_UPDATES updates (default 3000) under a RECIPE_MINUTES cap (default 5.5), then best.pt with beam 5
 #           on test_2016_flickr and test_2017_flickr (metrics JSON in OUT_DIR's archive). Meant for a warm machine
 #           (call 1's build); the goal's 10 minutes of training do not fit one call.

@@ -189,7 +189,7 @@ def model_fields(args: TrainArgs, arch: str) -> dict:
     return fields
 
 
-# ----------------------------------------------------------------------------------------------- RNG state
+# ----------------------------------------------------------------------------------------------- lr schedule
 
 LR_SCHEDULERS = ("plateau", "inverse_sqrt", "cosine")
 
@@ -210,6 +210,8 @@ def scheduled_lr(kind: str, base: float, update: int, warmup: int, max_updates: 
         return base * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {kind!r}")
 
+
+# ----------------------------------------------------------------------------------------------- RNG state
 
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
@@ -459,7 +461,6 @@ def _train(args: TrainArgs) -> TrainResult:
         for g in opt.param_groups:
             g["lr"] = lr
         return lr
-    lr_now = set_lr(state["updates"] + 1)
 
     def checkpoint() -> dict:
         rng = [_rng_state(device)]
@@ -619,7 +620,9 @@ def _train(args: TrainArgs) -> TrainResult:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "world_size": d.world_size, "params": n_params, "optimizer": args.optimizer, "stop_reason": stop_reason,
         "epochs_completed": state["epoch"] - 1, "updates": state["updates"], "wall_s": round(wall, 2),
-        "train_s": round(loop_s, 2), "train_tokens_per_s": tokens_done / max(loop_s, 1e-9), "lr": lr_now,
+        "train_s": round(loop_s, 2), "train_tokens_per_s": tokens_done / max(loop_s, 1e-9),
+        "lr": scheduled_lr(args.lr_scheduler, state["lr"], state["updates"] + 1, args.warmup_updates,
+                           args.max_updates),      # what the next update would take (after any plateau cut)
         "best_val_loss": state["best_val"],
         "val_loss": last_valid.get("loss"), "val_ppl": last_valid.get("ppl"), "val_bleu": last_valid.get("bleu"),
         "val_bleu_signature": last_valid.get("bleu_signature"), "torch": torch.__version__,
